@@ -1,0 +1,83 @@
+"""Content-keyed disk cache for precomputed tensors (reference log-probs, margin rewards).
+
+A cache entry's key is a hash of everything that determines its value: the model's weights, the data's
+content and the settings. Entries are safetensors files written atomically (temporary file, then rename);
+an entry that fails to load or whose stored key differs is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MODPO_CACHE", Path.home() / ".cache" / "modpo"))
+
+
+def stable_hash(value) -> str:
+    """sha256 of a JSON-serialisable value, with sorted keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False) -> str:
+    """Hash of every parameter and buffer (names, shapes, dtypes and bytes): the model's identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if skip(name):
+            continue
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def columns_fingerprint(dataset, columns: list[str]) -> str:
+    """Hash of the given columns' content, row by row."""
+    digest = hashlib.sha256()
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):
+        digest.update(json.dumps([batch[c] for c in columns], default=str).encode())
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cached_tensors(kind: str, key: dict, compute: Callable[[], dict[str, torch.Tensor]],
+                   cache_dir: Path | str | None = None) -> dict[str, torch.Tensor]:
+    """Load the entry for (kind, key) or compute and store it."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = stable_hash({"kind": kind, **key})
+    path = cache_dir / kind / f"{digest}.safetensors"
+    if path.exists():
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as f:  # the key is in the header metadata
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            if header.get("__metadata__", {}).get("key") == digest:
+                logger.info("reusing cached %s from %s", kind, path)
+                return tensors
+            logger.warning("cache entry %s does not match its key; recomputing", path)
+        except Exception as err:  # a torn or corrupted file: recompute, never trust it
+            logger.warning("cache entry %s is unreadable (%s); recomputing", path, err)
+    tensors = {name: t.contiguous().cpu() for name, t in compute().items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": digest, "kind": kind}))
+    return tensors

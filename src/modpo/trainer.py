@@ -1,0 +1,165 @@
+"""MODPOTrainer: transformers.Trainer with the MODPO loss.
+
+Follow one batch: preference rows are checked and tokenized (`data.formats`), reference log-probs and
+margin rewards are computed once and cached (`precompute_columns`), the collator stacks chosen over
+rejected rows, and `compute_loss` scores both with one forward pass (`logps.sequence_logps`) and applies
+`loss.modpo_loss`. Only the policy is on the device while training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+from transformers import Trainer
+
+from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint
+from modpo.config import MODPOConfig
+from modpo.data.formats import PreferenceCollator, tokenize_preferences
+from modpo.errors import ConfigError
+from modpo.logps import batched_sequence_logps, sequence_logps
+from modpo.loss import modpo_loss
+from modpo.margins import compute_margin_rewards
+
+logger = logging.getLogger(__name__)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def reference_fingerprint(model: torch.nn.Module) -> str:
+    """Identity of the reference: the weights without any (freshly initialised) LoRA adapter."""
+    return model_fingerprint(model, skip=lambda name: "lora_" in name)
+
+
+def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, margin_sources, name: str):
+    """Tokenize `dataset` and add `ref_chosen_logps`, `ref_rejected_logps` and the margin columns."""
+    num_margins = len(args.weights) - 1
+    has_columns = "chosen_margins" in dataset.column_names
+    if margin_sources and has_columns:
+        raise ConfigError(f"{name}: margins come both from columns and from margin_rewards sources; use one")
+    if num_margins and not (margin_sources or has_columns):
+        raise ConfigError(f"{name}: weights {args.weights} need {num_margins} margin rewards, but the data has no "
+                          "chosen_margins/rejected_margins columns and no margin_rewards sources were given")
+    if has_columns and not num_margins:
+        dataset = dataset.remove_columns([c for c in ("chosen_margins", "rejected_margins") if c in dataset.column_names])
+    tokenized = tokenize_preferences(dataset, tokenizer, args.max_length, file=name,
+                                     num_margins=num_margins if has_columns else None, append_eos=args.append_eos)
+    if margin_sources:
+        chosen, rejected = compute_margin_rewards(margin_sources, dataset, args.cache_dir)
+        if chosen.shape[1] != num_margins:
+            raise ConfigError(f"margin sources give {chosen.shape[1]} objectives but weights {args.weights} "
+                              f"expect {num_margins}")
+        tokenized = tokenized.add_column("chosen_margins", chosen.tolist()).add_column("rejected_margins", rejected.tolist())
+
+    reference = ref_model if ref_model is not None else model
+    key = {"model": reference_fingerprint(reference),
+           "data": columns_fingerprint(tokenized, ["prompt_ids", "chosen_ids", "rejected_ids"]),
+           "dtype": str(next(reference.parameters()).dtype)}
+
+    def compute():
+        device_before = next(reference.parameters()).device
+        reference.to(args.device)
+        adapters_off = reference.disable_adapter() if ref_model is None and hasattr(reference, "disable_adapter") else nullcontext()
+        pad_id = tokenizer.pad_token_id
+        with adapters_off:
+            out = {side: batched_sequence_logps(reference, tokenized["prompt_ids"], tokenized[f"{side}_ids"], pad_id,
+                                                args.precompute_batch_size, desc=f"reference log-probs ({side})")
+                   for side in ("chosen", "rejected")}
+        if ref_model is not None:
+            reference.to(device_before)
+        return out
+
+    logps = cached_tensors("reference_logps", key, compute, args.cache_dir)
+    return (tokenized.add_column("ref_chosen_logps", logps["chosen"].tolist())
+            .add_column("ref_rejected_logps", logps["rejected"].tolist()))
+
+
+class MODPOTrainer(Trainer):
+    """Trains a policy with the MODPO loss for one weight vector `args.weights`."""
+
+    def __init__(self, model, ref_model=None, args: MODPOConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, margin_rewards=None, peft_config=None, **kwargs):
+        from modpo.models import load_model, load_tokenizer
+
+        args = args or MODPOConfig(output_dir="modpo-output")
+        if isinstance(model, str):
+            processing_class = processing_class or load_tokenizer(model)
+            model = load_model(model)
+        if isinstance(ref_model, str):
+            ref_model = load_model(ref_model)
+        if processing_class is None:
+            raise ConfigError("MODPOTrainer needs processing_class (the tokenizer)")
+        if processing_class.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        disable_dropout(model)
+        self.margin_sources = list(margin_rewards or [])
+        with args.main_process_first(desc="precompute"):
+            prepare = lambda data, name: precompute_columns(data, model, ref_model, processing_class, args,
+                                                             self.margin_sources, name)
+            train_dataset = prepare(train_dataset, "train_dataset") if train_dataset is not None else None
+            eval_dataset = prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        super().__init__(model=model, args=args, data_collator=PreferenceCollator(processing_class.pad_token_id),
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         **kwargs)
+        self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: MODPOConfig = self.args
+        logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"],
+                               chunked=args.chunked_logps)
+        pairs = inputs["ref_chosen_logps"].shape[0]
+        losses, chosen_rewards, rejected_rewards = modpo_loss(
+            logps[:pairs], logps[pairs:], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
+            inputs.get("chosen_margins"), inputs.get("rejected_margins"), args.weights,
+            beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            rows = (inputs["row_index"] + 1).tolist()
+            raise FloatingPointError(f"non-finite MODPO loss ({loss.item()}) at step {self.state.global_step}, "
+                                     f"batch of data rows {rows}")
+        self._record(inputs, logps[:pairs], logps[pairs:], chosen_rewards, rejected_rewards)
+        return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, inputs, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards):
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        values = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen_logps.mean(),
+            "logps/rejected": rejected_logps.mean(),
+        }
+        if "chosen_margins" in inputs:
+            differences = inputs["chosen_margins"] - inputs["rejected_margins"]
+            for k in range(differences.shape[1]):
+                values[f"margins/objective_{k + 1}"] = differences[:, k].mean()
+        for name, value in values.items():
+            metrics[name].append(value.item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + name] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, *args, **kwargs)

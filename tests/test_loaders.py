@@ -1,0 +1,363 @@
+"""Loaders on the shared real samples (skipped when ../shared/data is absent) and on bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from modpo.data.loaders import (
+    LOADERS,
+    load_attribute_ratings,
+    load_dataset_from_config,
+    load_hh_rlhf,
+    load_pku_saferlhf,
+    load_preferences,
+    load_qa_feedback,
+    load_ultrafeedback,
+    read_records,
+)
+from modpo.errors import ConfigError, DataError
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"shared sample {name} not available")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def assert_names(error: pytest.ExceptionInfo[DataError], file: Path, row: int, field: str | None) -> None:
+    message = str(error.value)
+    assert file.name in message and f"row {row}" in message
+    if field is not None:
+        assert f"'{field}'" in message
+    assert (error.value.row, error.value.field) == (row, field)
+
+
+# ---------------------------------------------------------------------------------- read_records
+
+ROWS = [{"prompt": "p1", "chosen": "a", "rejected": "b"}, {"prompt": "p2", "chosen": "c", "rejected": "d"}]
+
+
+def test_read_records_reads_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = write_jsonl(tmp_path / "x.jsonl", ROWS)
+    gz = tmp_path / "x.jsonl.gz"
+    gz.write_bytes(gzip.compress(jsonl.read_bytes()))
+    as_list = tmp_path / "x.json"
+    as_list.write_text(json.dumps(ROWS))
+    parquet = tmp_path / "x.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), parquet)
+    for path in (jsonl, gz, as_list, parquet):
+        assert read_records(path) == ROWS
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"prompt": "p", "chosen": \n')
+    with pytest.raises(DataError, match="malformed JSON") as error:
+        read_records(path)
+    assert_names(error, path, 3, None)  # the blank line 2 still counts
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_records(write_jsonl(tmp_path / "x.csv", ROWS))
+    with pytest.raises(DataError, match="no such file"):
+        read_records(tmp_path / "absent.jsonl")
+
+
+def test_non_object_row(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps([ROWS[0], ["not", "an", "object"]]))
+    with pytest.raises(DataError, match="expected a JSON object") as error:
+        read_records(path)
+    assert_names(error, path, 2, None)
+
+
+# ---------------------------------------------------------------------------------- PKU-SafeRLHF
+
+
+def test_pku_saferlhf_chosen_follows_the_objective():
+    path = shared("pku_saferlhf_alpaca7b_sample.jsonl")
+    raw = read_records(path)
+    for objective in ("better", "safer"):
+        data = load_pku_saferlhf(path, objective=objective)
+        assert len(data) == len(raw)
+        for record, source in zip(data, raw):
+            chosen_id = source[f"{objective}_response_id"]
+            assert record["chosen"] == source[f"response_{chosen_id}"]
+            assert record["rejected"] == source[f"response_{1 - chosen_id}"]
+            assert record[f"{objective}_is_chosen"]
+            assert record["is_chosen_safe"] == source[f"is_response_{chosen_id}_safe"]
+
+    disagreements = sum(row["better_response_id"] != row["safer_response_id"] for row in raw)
+    better = load_pku_saferlhf(path, objective="better")
+    assert sum(not agrees for agrees in better["safer_is_chosen"]) == disagreements
+    assert 0.20 < disagreements / len(raw) < 0.26  # "disagree on 23% of pairs" (data README)
+
+
+def test_pku_saferlhf_bad_label(tmp_path):
+    row = {"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 2,
+           "safer_response_id": 0, "is_response_0_safe": True, "is_response_1_safe": False}
+    path = write_jsonl(tmp_path / "pku.jsonl", [row])
+    with pytest.raises(DataError, match="expected 0 or 1") as error:
+        load_pku_saferlhf(path)
+    assert_names(error, path, 1, "better_response_id")
+    with pytest.raises(ConfigError):
+        load_pku_saferlhf(path, objective="kinder")
+
+
+# --------------------------------------------------------------------------------------- HH-RLHF
+
+
+def test_hh_rlhf_prompt_is_the_shared_prefix():
+    path = shared("hh_rlhf_harmless_base_test.jsonl.gz")
+    raw = read_records(path)
+    data = load_hh_rlhf(path)
+    assert len(data) == len(raw)
+    for record, source in zip(data, raw):
+        prompt = record["prompt"]
+        assert prompt.startswith("\n\nHuman:") and prompt.endswith("\n\nAssistant:")
+        assert source["chosen"] == prompt + record["chosen"]
+        assert source["rejected"] == prompt + record["rejected"]
+        assert record["chosen"] != record["rejected"]
+
+
+def test_hh_rlhf_as_messages():
+    path = shared("hh_rlhf_harmless_base_test.jsonl.gz")
+    text, chat = load_hh_rlhf(path), load_hh_rlhf(path, as_messages=True)
+    for plain, record in zip(text.select(range(200)), chat.select(range(200))):
+        assert record["prompt"][0]["role"] == "user"
+        assert len(record["prompt"]) == plain["prompt"].count("\n\nHuman:") + plain["prompt"].count("\n\nAssistant:") - 1
+        assert record["chosen"] == [{"role": "assistant", "content": plain["chosen"].strip()}]
+
+
+def test_hh_rlhf_without_an_assistant_turn(tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hey"}])
+    with pytest.raises(DataError, match="Assistant") as error:
+        load_hh_rlhf(path)
+    assert_names(error, path, 1, "chosen")
+
+
+# ---------------------------------------------------------------------------------- UltraFeedback
+
+
+@pytest.mark.parametrize("name", ["ultrafeedback_binarized_train1000.jsonl", "ultrafeedback_binarized_eval200.jsonl"])
+def test_ultrafeedback_scores_become_columns(name):
+    path = shared(name)
+    raw = read_records(path)
+    data = load_ultrafeedback(path)
+    assert len(data) == len(raw)
+    assert data["score_chosen"] == [row["metadata"]["score_chosen"] for row in raw]
+    assert data["score_rejected"] == [row["metadata"]["score_rejected"] for row in raw]
+    assert data["prompt"] == [row["prompt"] for row in raw]
+
+
+def test_ultrafeedback_conversations_are_split(tmp_path):
+    user = {"role": "user", "content": "hi"}
+    row = {"prompt": "hi", "chosen": [user, {"role": "assistant", "content": "hello"}],
+           "rejected": [user, {"role": "assistant", "content": "go away"}], "score_chosen": 9, "score_rejected": 2}
+    data = load_ultrafeedback(write_jsonl(tmp_path / "uf.jsonl", [row]))
+    assert data[0]["prompt"] == [user]
+    assert data[0]["chosen"] == [{"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "uf_bad.jsonl", [row, {**row, "score_rejected": "low"}])
+    with pytest.raises(DataError) as error:
+        load_ultrafeedback(path)
+    assert_names(error, path, 2, "score_rejected")
+
+
+# ------------------------------------------------------------------------------------ QA-Feedback
+
+QA_ORDER = [(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)]
+
+
+def test_qa_feedback_preference_pairs_match_the_labels(caplog):
+    path = shared("qa_feedback_dev_feedback.json")
+    raw = read_records(path)
+    expected = [
+        (f"prediction {first if label == 1 else second}", f"prediction {second if label == 1 else first}", row)
+        for row in raw
+        for (first, second), label in zip(QA_ORDER, row["preference"])
+        if label != 0
+    ]
+    with caplog.at_level(logging.WARNING):
+        data = load_qa_feedback(path)
+    assert len(data) == len(expected)
+    for record, (chosen, rejected, row) in zip(data, expected):
+        assert record["chosen"] == row[chosen].strip()
+        assert record["rejected"] == row[rejected].strip()
+        assert record["chosen_id"] == int(chosen[-1])
+        assert record["prompt"].startswith(f"Question: {row['question'].strip()}\n")
+    zeros = sum(label == 0 for row in raw for label in row["preference"])
+    assert f"skipped {zeros} pairs" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("objective", "kinds"),
+    [("factuality", {"Wrong-Grounding", "Unverifiable"}), ("relevance", {"Irrelevant", "Redundant", "Incoherent"}),
+     ("completeness", None)],
+)
+def test_qa_feedback_fine_grained_pairs(objective, kinds):
+    path = shared("qa_feedback_dev_feedback.json")
+
+    def problems(row: dict) -> int:
+        feedback = row["feedback"]
+        if kinds is None:
+            return len(feedback["missing-info"])
+        return sum(error["error type"] in kinds for error in feedback["errors"])
+
+    expected = [row for row in read_records(path) if problems(row) and row["feedback"]["corrected-prediction"].strip()]
+    data = load_qa_feedback(path, objective=objective)
+    assert len(data) == len(expected)
+    assert data["rejected_error_count"] == [problems(row) for row in expected]
+    assert set(data["chosen_error_count"]) == {0}
+    assert data["chosen"] == [row["feedback"]["corrected-prediction"].strip() for row in expected]
+    assert data["rejected"] == [row["prediction 1"].strip() for row in expected]
+
+
+def test_qa_feedback_bad_preference_labels(tmp_path):
+    row = {"question": "q?", "passages": [["T", "s."]], "feedback": {},
+           **{f"prediction {i}": f"answer {i}" for i in range(1, 5)}, "preference": [1, 2, 0]}
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([row]))
+    with pytest.raises(DataError, match="6 labels") as error:
+        load_qa_feedback(path)
+    assert_names(error, path, 1, "preference")
+
+
+# ------------------------------------------------------------------------------ attribute ratings
+
+
+def test_attribute_ratings_pairs_by_first_attribute(tmp_path, caplog):
+    def rated(prompt: str, response: str, helpfulness: int, correctness: int, verbosity: int) -> dict:
+        return {"prompt": prompt, "response": response, "helpfulness": helpfulness,
+                "correctness": correctness, "verbosity": verbosity}
+
+    path = write_jsonl(tmp_path / "helpsteer.jsonl", [
+        rated("A", "a1", 2, 3, 1), rated("B", "b1", 3, 3, 3), rated("A", "a2", 4, 1, 2),
+        rated("B", "b2", 3, 0, 0), rated("A", "a3", 2, 4, 4),
+    ])
+    with caplog.at_level(logging.WARNING):
+        data = load_attribute_ratings(path, ["helpfulness", "correctness", "verbosity"])
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in data] == [("A", "a2", "a1"), ("A", "a2", "a3")]
+    assert data[0]["chosen_margins"] == [1.0, 2.0] and data[0]["rejected_margins"] == [3.0, 1.0]
+    assert data["score_chosen"] == [4.0, 4.0]
+    assert "skipped 2 pairs tied on 'helpfulness'" in caplog.text  # a1/a3 and b1/b2
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rated("A", "a1", 2, 3, 1), {"prompt": "A", "response": "a2"}])
+    with pytest.raises(DataError, match="missing column") as error:
+        load_attribute_ratings(bad, ["helpfulness"])
+    assert_names(error, bad, 2, "helpfulness")
+
+
+# ------------------------------------------------------------------------------ load_preferences
+
+MAPPING = {"prompt": "question", "chosen": "answers.good", "rejected": "answers.bad",
+           "chosen_margins": ["s1_good"], "rejected_margins": ["s1_bad"], "length": "meta.length"}
+
+
+def custom_row(**overrides) -> dict:
+    row = {"question": "why?", "answers": {"good": "because", "bad": "no"}, "s1_good": 0.5, "s1_bad": -1,
+           "meta": {"length": 7}}
+    return {**row, **overrides}
+
+
+def test_load_preferences_maps_columns(tmp_path):
+    data = load_preferences(write_jsonl(tmp_path / "p.jsonl", [custom_row(), custom_row()]), MAPPING)
+    assert data[0] == {"prompt": "why?", "chosen": "because", "rejected": "no",
+                       "chosen_margins": [0.5], "rejected_margins": [-1.0], "length": 7.0}
+
+
+def test_load_preferences_defaults_and_messages(tmp_path):
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    rows = [{"prompt": [user], "chosen": [answer], "rejected": [{"role": "assistant", "content": "bye"}],
+             "chosen_margins": [1, 2], "rejected_margins": [0, 0]}]
+    data = load_preferences(write_jsonl(tmp_path / "chat.jsonl", rows))
+    assert data[0]["prompt"] == [user] and data[0]["chosen_margins"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "field", "message"),
+    [
+        (custom_row(question=""), "question", "is empty"),
+        (custom_row(s1_bad=float("nan")), "s1_bad", "finite"),
+        ({k: v for k, v in custom_row().items() if k != "question"}, "question", "missing column"),
+        (custom_row(answers={"good": "yes"}), "answers.bad", "missing column"),
+        (custom_row(answers={"good": [{"role": "assistant", "content": "x"}], "bad": "no"}), "answers.good", "must be a string"),
+        (custom_row(meta={"length": "long"}), "meta.length", "expected a number"),
+    ],
+)
+def test_load_preferences_bad_rows_name_file_row_field(tmp_path, bad_row, field, message):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [custom_row(), bad_row])
+    with pytest.raises(DataError, match=message) as error:
+        load_preferences(path, MAPPING)
+    assert_names(error, path, 2, field)
+
+
+def test_load_preferences_bad_message(tmp_path):
+    rows = [{"prompt": [{"role": "narrator", "content": "x"}], "chosen": [], "rejected": []}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match="expected one of") as error:
+        load_preferences(path)
+    assert_names(error, path, 1, "prompt[0].role")
+
+
+# ------------------------------------------------------------------------------- config, splits
+
+
+def test_registry_names_every_loader():
+    assert set(LOADERS) == {"pku_saferlhf", "hh_rlhf", "ultrafeedback", "qa_feedback", "attribute_ratings", "jsonl"}
+    assert LOADERS["jsonl"] is load_preferences
+
+
+def test_config_split_is_deterministic_and_keeps_prompts_together():
+    path = shared("qa_feedback_dev_feedback.json")
+    spec = {"loader": "qa_feedback", "path": str(path), "objective": "preference"}
+    full = load_dataset_from_config(spec)
+    parts = {
+        part: load_dataset_from_config({**spec, "split": {"test_fraction": 0.2, "seed": 3, "part": part}})
+        for part in ("train", "test")
+    }
+    assert len(parts["train"]) + len(parts["test"]) == len(full)
+    assert not set(parts["train"]["prompt"]) & set(parts["test"]["prompt"])
+    test_prompts = len(set(parts["test"]["prompt"]))
+    assert test_prompts == round(0.2 * len(set(full["prompt"])))
+    again = load_dataset_from_config({**spec, "split": {"test_fraction": 0.2, "seed": 3, "part": "test"}})
+    assert again["chosen"] == parts["test"]["chosen"]
+    other_seed = load_dataset_from_config({**spec, "split": {"test_fraction": 0.2, "seed": 4, "part": "test"}})
+    assert other_seed["prompt"] != parts["test"]["prompt"]
+    limited = load_dataset_from_config({**spec, "split": {"test_fraction": 0.2, "seed": 3, "part": "test"}, "limit": 5})
+    assert limited["chosen"] == parts["test"]["chosen"][:5]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"loader": "nope", "path": "x.jsonl"},
+        {"loader": "jsonl"},
+        {"loader": "jsonl", "path": "x.jsonl", "colums": {}},
+        {"loader": "jsonl", "path": "x.jsonl", "split": {"test_fraction": 1.5}},
+        {"loader": "jsonl", "path": "x.jsonl", "split": {"fraction": 0.2}},
+        {"loader": "jsonl", "path": "x.jsonl", "limit": -1},
+    ],
+)
+def test_config_errors(tmp_path, spec):
+    write_jsonl(tmp_path / "x.jsonl", ROWS)
+    if "path" in spec:
+        spec = {**spec, "path": str(tmp_path / spec["path"])}
+    with pytest.raises(ConfigError):
+        load_dataset_from_config(spec)
