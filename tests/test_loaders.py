@@ -142,7 +142,8 @@ def test_hh_rlhf_as_messages():
     text, chat = load_hh_rlhf(path), load_hh_rlhf(path, as_messages=True)
     for plain, record in zip(text.select(range(200)), chat.select(range(200))):
         assert record["prompt"][0]["role"] == "user"
-        assert len(record["prompt"]) == plain["prompt"].count("\n\nHuman:") + plain["prompt"].count("\n\nAssistant:") - 1
+        turns = plain["prompt"].count("\n\nHuman:") + plain["prompt"].count("\n\nAssistant:") - 1
+        assert len(record["prompt"]) == turns
         assert record["chosen"] == [{"role": "assistant", "content": plain["chosen"].strip()}]
 
 
@@ -156,7 +157,8 @@ def test_hh_rlhf_without_an_assistant_turn(tmp_path):
 # ---------------------------------------------------------------------------------- UltraFeedback
 
 
-@pytest.mark.parametrize("name", ["ultrafeedback_binarized_train1000.jsonl", "ultrafeedback_binarized_eval200.jsonl"])
+@pytest.mark.parametrize("name",
+                         ["ultrafeedback_binarized_train1000.jsonl", "ultrafeedback_binarized_eval200.jsonl"])
 def test_ultrafeedback_scores_become_columns(name):
     path = shared(name)
     raw = read_records(path)
@@ -220,7 +222,8 @@ def test_qa_feedback_fine_grained_pairs(objective, kinds):
             return len(feedback["missing-info"])
         return sum(error["error type"] in kinds for error in feedback["errors"])
 
-    expected = [row for row in read_records(path) if problems(row) and row["feedback"]["corrected-prediction"].strip()]
+    raw = read_records(path)
+    expected = [row for row in raw if problems(row) and row["feedback"]["corrected-prediction"].strip()]
     data = load_qa_feedback(path, objective=objective)
     assert len(data) == len(expected)
     assert data["rejected_error_count"] == [problems(row) for row in expected]
@@ -297,7 +300,8 @@ def test_load_preferences_defaults_and_messages(tmp_path):
         (custom_row(s1_bad=float("nan")), "s1_bad", "finite"),
         ({k: v for k, v in custom_row().items() if k != "question"}, "question", "missing column"),
         (custom_row(answers={"good": "yes"}), "answers.bad", "missing column"),
-        (custom_row(answers={"good": [{"role": "assistant", "content": "x"}], "bad": "no"}), "answers.good", "must be a string"),
+        (custom_row(answers={"good": [{"role": "assistant", "content": "x"}], "bad": "no"}), "answers.good",
+         "must be text"),
         (custom_row(meta={"length": "long"}), "meta.length", "expected a number"),
     ],
 )
@@ -340,7 +344,8 @@ def test_config_split_is_deterministic_and_keeps_prompts_together():
     assert again["chosen"] == parts["test"]["chosen"]
     other_seed = load_dataset_from_config({**spec, "split": {"test_fraction": 0.2, "seed": 4, "part": "test"}})
     assert other_seed["prompt"] != parts["test"]["prompt"]
-    limited = load_dataset_from_config({**spec, "split": {"test_fraction": 0.2, "seed": 3, "part": "test"}, "limit": 5})
+    test_split = {"test_fraction": 0.2, "seed": 3, "part": "test"}
+    limited = load_dataset_from_config({**spec, "split": test_split, "limit": 5})
     assert limited["chosen"] == parts["test"]["chosen"][:5]
 
 

@@ -159,7 +159,7 @@ class ImplicitRewardMargins(MarginSource):
     """
 
     def __init__(self, model, ref_model=None, tokenizer=None, beta: float = 0.1, batch_size: int = 16,
-                 max_length: int = 1024, name: str = "implicit_reward"):
+                 max_length: int = 1024, append_eos: bool = True, name: str = "implicit_reward"):
         from modpo.models import load_tokenizer
 
         self.path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
@@ -169,18 +169,20 @@ class ImplicitRewardMargins(MarginSource):
             raise ValueError(f"implicit reward of {self.path or name}: give ref_model, or a LoRA adapter as model")
         self.tokenizer = tokenizer or load_tokenizer(self.path)
         self.beta, self.batch_size, self.max_length, self.name = beta, batch_size, max_length, name
+        self.append_eos = append_eos
 
     def identity(self) -> dict:
         ref = model_fingerprint(self.ref_model) if self.ref_model is not None else "adapter-disabled"
-        return {"type": "implicit_reward", "model": model_fingerprint(self.model), "ref": ref,
-                "beta": self.beta, "max_length": self.max_length}
+        return {"type": "implicit_reward", "model": model_fingerprint(self.model), "ref": ref, "beta": self.beta,
+                "max_length": self.max_length, "append_eos": self.append_eos}
 
     def score(self, dataset, side):
         prompt_ids, response_ids = [], []
         for p, r in zip(dataset["prompt"], dataset[side]):
             prompt_text, response_text = render(p, r, self.tokenizer)
             ids_p = self.tokenizer(prompt_text, add_special_tokens=isinstance(p, str))["input_ids"]
-            ids_r = self.tokenizer(response_text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            ids_r = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
+            ids_r = ids_r + [self.tokenizer.eos_token_id] if self.append_eos else ids_r
             prompt_ids.append(ids_p[-(self.max_length - 1):])
             response_ids.append(ids_r[: max(1, self.max_length - len(prompt_ids[-1]))])
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

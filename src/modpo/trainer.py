@@ -84,7 +84,8 @@ class MODPOTrainer(Trainer):
     """Trains a policy with the MODPO loss for one weight vector `args.weights`."""
 
     def __init__(self, model, ref_model=None, args: MODPOConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, margin_rewards=None, peft_config=None, **kwargs):
+                 processing_class=None, margin_rewards=None, peft_config=None, data_names=(None, None), **kwargs):
+        """`data_names` (train, eval) name the data in error messages, e.g. the files they were read from."""
         from modpo.models import load_model, load_tokenizer
 
         args = args or MODPOConfig(output_dir="modpo-output")
@@ -106,8 +107,11 @@ class MODPOTrainer(Trainer):
         with args.main_process_first(desc="precompute"):
             prepare = lambda data, name: precompute_columns(data, model, ref_model, processing_class, args,
                                                              self.margin_sources, name)
-            train_dataset = prepare(train_dataset, "train_dataset") if train_dataset is not None else None
-            eval_dataset = prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+            train_name, eval_name = data_names
+            if train_dataset is not None:
+                train_dataset = prepare(train_dataset, train_name or "train_dataset")
+            if eval_dataset is not None:
+                eval_dataset = prepare(eval_dataset, eval_name or "eval_dataset")
         super().__init__(model=model, args=args, data_collator=PreferenceCollator(processing_class.pad_token_id),
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)

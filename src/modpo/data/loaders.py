@@ -24,7 +24,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from datasets import Dataset
 
@@ -78,7 +78,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, Record]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(path, line_number, None, f"malformed JSON: {error.msg} (column {error.colno})") from None
+                message = f"malformed JSON: {error.msg} (column {error.colno})"
+                raise DataError(path, line_number, None, message) from None
             rows.append((line_number, _as_object(record, path, line_number)))
     return rows
 
@@ -87,7 +88,8 @@ def _read_json_list(path: Path) -> list[tuple[int, Record]]:
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise DataError(path, error.lineno, None, f"malformed JSON: {error.msg} (column {error.colno})") from None
+        message = f"malformed JSON: {error.msg} (column {error.colno})"
+        raise DataError(path, error.lineno, None, message) from None
     if not isinstance(records, list):
         raise DataError(path, None, None, f"expected a JSON list of objects, got {type(records).__name__}")
     return [(index, _as_object(record, path, index)) for index, record in enumerate(records, start=1)]
@@ -190,7 +192,7 @@ def _check_record(
         record["prompt"] = _messages(prompt, file, row, name("prompt"))
         for key, answer in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(answer, list):
-                raise DataError(file, row, name(key), "the prompt is a message list, so the answer must be one too")
+                raise DataError(file, row, name(key), "the prompt is a message list, so the answer must be too")
             record[key] = _messages(answer, file, row, name(key))
             if record[key][-1]["role"] != "assistant":
                 raise DataError(file, row, name(key), "the answer must end with an assistant message")
@@ -198,7 +200,8 @@ def _check_record(
         _text(prompt, file, row, name("prompt"))
         for key, answer in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(answer, str):
-                raise DataError(file, row, name(key), f"the prompt is text, so the answer must be a string, got {type(answer).__name__}")
+                kind = type(answer).__name__
+                raise DataError(file, row, name(key), f"the prompt is text, so the answer must be text, got {kind}")
             if not empty_answers and not answer.strip():
                 raise DataError(file, row, name(key), "is empty")
     _check_margins(record, file, row, name)
@@ -211,7 +214,7 @@ def _check_margins(record: Record, file: PathLike, row: int, name: Callable[[str
         return
     if len(present) == 1:
         other = "rejected_margins" if present[0] == "chosen_margins" else "chosen_margins"
-        raise DataError(file, row, other, f"missing column ({present[0]} is given)")
+        raise DataError(file, row, name(other), f"missing column ({name(present[0])} is given)")
     for key in present:
         values = record[key]
         if not isinstance(values, list):
@@ -420,7 +423,10 @@ def _qa_prompt(raw: Record, file: PathLike, row: int) -> str:
         isinstance(p, list) and p and all(isinstance(s, str) for s in p) for p in passages
     ):
         raise DataError(file, row, "passages", "expected a list of [title, sentence, ...] lists of strings")
-    blocks = [f"[{i}] {p[0].strip()}: {' '.join(' '.join(p[1:]).split())}" for i, p in enumerate(passages, start=1)]
+    blocks = [
+        f"[{number}] {title.strip()}: {' '.join(' '.join(sentences).split())}"
+        for number, (title, *sentences) in enumerate(passages, start=1)
+    ]
     return f"Question: {question}\n\nPassages:\n" + ("\n".join(blocks) or "(none)") + "\n\nAnswer:\n"
 
 
@@ -474,6 +480,12 @@ def _qa_feedback_pair(raw: Record, objective: str, file: PathLike, row: int) -> 
 # ------------------------------------------------------------------------- attribute ratings
 
 
+class _Rated(NamedTuple):
+    row: int
+    response: str
+    ratings: list[float]
+
+
 def load_attribute_ratings(
     path: PathLike,
     attributes: Sequence[str],
@@ -489,24 +501,24 @@ def load_attribute_ratings(
     """
     if isinstance(attributes, str) or not attributes:
         raise ConfigError("load_attribute_ratings: attributes must be a non-empty list of column names")
-    groups: dict[str, list[tuple[int, str, list[float]]]] = {}
+    groups: dict[str, list[_Rated]] = {}
     for row, raw in _read_numbered(path):
         prompt = _text(_field(raw, prompt_field, path, row), path, row, prompt_field)
         response = _text(_field(raw, response_field, path, row), path, row, response_field)
         ratings = [_number(_field(raw, name, path, row), path, row, name) for name in attributes]
-        groups.setdefault(prompt, []).append((row, response, ratings))
+        groups.setdefault(prompt, []).append(_Rated(row, response, ratings))
     records, ties = [], 0
     for prompt, answers in groups.items():
-        for a, b in itertools.combinations(answers, 2):
-            if a[2][0] == b[2][0]:
+        for first, second in itertools.combinations(answers, 2):
+            if first.ratings[0] == second.ratings[0]:
                 ties += 1
                 continue
-            (row, chosen, chosen_ratings), (_, rejected, rejected_ratings) = (a, b) if a[2][0] > b[2][0] else (b, a)
-            record = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                      "score_chosen": chosen_ratings[0], "score_rejected": rejected_ratings[0]}
+            better, worse = (first, second) if first.ratings[0] > second.ratings[0] else (second, first)
+            record = {"prompt": prompt, "chosen": better.response, "rejected": worse.response,
+                      "score_chosen": better.ratings[0], "score_rejected": worse.ratings[0]}
             if len(attributes) > 1:
-                record |= {"chosen_margins": chosen_ratings[1:], "rejected_margins": rejected_ratings[1:]}
-            records.append(_check_record(record, path, row))
+                record |= {"chosen_margins": better.ratings[1:], "rejected_margins": worse.ratings[1:]}
+            records.append(_check_record(record, path, better.row))
     _warn_skipped(ties, path, f"pairs tied on {attributes[0]!r}")
     return _dataset(records, path)
 

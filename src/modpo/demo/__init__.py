@@ -1,0 +1,1 @@
+"""The embedded demo: a synthetic helpful-vs-harmless task with exact rewards (see `task`)."""

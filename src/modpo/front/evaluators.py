@@ -1,0 +1,83 @@
+"""Evaluators score (prompt, response) on every objective of the front.
+
+They must be independent of the margin sources used in training (a held-out reward model, exact rewards,
+rules), so that a front measures quality rather than how well training fit its own margins.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modpo.errors import ConfigError
+
+
+class Evaluator:
+    """Scores a list of {prompt, response}: returns (N, len(objectives)) and the malformed count."""
+
+    objectives: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def score(self, samples: list[dict]) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+
+class DemoExactEvaluator(Evaluator):
+    """The synthetic task's exact rewards (modpo.demo.task)."""
+
+    def __init__(self):
+        from modpo.demo import task
+
+        self.task, self.objectives = task, task.OBJECTIVES
+
+    def describe(self) -> str:
+        return "exact rewards of the synthetic demo task"
+
+    def score(self, samples):
+        scores, malformed = [], 0
+        for s in samples:
+            r = self.task.rewards(s["prompt"], s["response"])
+            if r is None:
+                malformed += 1
+                r = (0.0,) * len(self.objectives)
+            scores.append(r)
+        return torch.tensor(scores, dtype=torch.float64), malformed
+
+
+class MarginSourceEvaluator(Evaluator):
+    """Any margin source (reward model, implicit reward, rule) used as an evaluator."""
+
+    def __init__(self, source, names: tuple[str, ...] | None = None):
+        self.source = source
+        self.objectives = names or tuple(f"{source.name}_{k}" if source.num_objectives > 1 else source.name
+                                         for k in range(source.num_objectives))
+
+    def describe(self) -> str:
+        return self.source.describe()
+
+    def score(self, samples):
+        from datasets import Dataset
+
+        data = Dataset.from_list([{"prompt": s["prompt"], "response": s["response"]} for s in samples])
+        return self.source.score(data, "response").double(), 0
+
+
+def build_evaluators(specs: list[dict], tokenizer=None) -> list[Evaluator]:
+    from modpo.stages import margin_sources
+
+    evaluators = []
+    for i, spec in enumerate(specs):
+        if spec.get("type") == "demo_exact":
+            evaluators.append(DemoExactEvaluator())
+            continue
+        names = spec.get("names")
+        spec = {k: v for k, v in spec.items() if k != "names"}
+        try:
+            (source,) = margin_sources([spec], tokenizer, max_length=spec.pop("max_length", 1024))
+        except ConfigError as err:
+            raise ConfigError(f"evaluation.evaluators[{i}]: {err}") from None
+        evaluators.append(MarginSourceEvaluator(source, tuple(names) if names else None))
+    if not evaluators:
+        raise ConfigError("evaluation.evaluators: give at least one evaluator")
+    return evaluators

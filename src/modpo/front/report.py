@@ -1,0 +1,132 @@
+"""Front statistics and the report folder: table, JSON, CSV, plots.
+
+Every objective is maximised. Hypervolume is the measure of the region dominated by the front and bounded
+below by a reference point (stated in the report).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from modpo.cache import write_atomic
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def dominates(a: list[float], b: list[float]) -> bool:
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def non_dominated(points: list[list[float]]) -> list[int]:
+    """Indices of the points no other point dominates."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
+def hypervolume(points: list[list[float]], reference: list[float]) -> float:
+    """Exact hypervolume dominated by `points` above `reference` (maximisation), any dimension.
+
+    Slices along the last objective and recurses; fine for the tens of points a front has.
+    """
+    points = [p for p in points if all(x > r for x, r in zip(p, reference))]
+    if not points:
+        return 0.0
+    if len(reference) == 1:
+        return max(p[0] for p in points) - reference[0]
+    levels = sorted({p[-1] for p in points}, reverse=True)
+    volume = 0.0
+    for upper, lower in zip(levels, levels[1:] + [reference[-1]]):
+        slab = [p[:-1] for p in points if p[-1] >= upper]
+        volume += hypervolume(slab, reference[:-1]) * (upper - lower)
+    return volume
+
+
+def summarize(name: str, weights: list[float], scores, objectives: tuple[str, ...], malformed: int, extra: dict) -> dict:
+    """One point of the front: mean and standard error of every objective."""
+    point = {"name": name, "weights": weights, "n": int(scores.shape[0]), "malformed": malformed, **extra}
+    for k, objective in enumerate(objectives):
+        mean, stderr = mean_and_stderr(scores[:, k].tolist())
+        point[objective] = {"mean": mean, "stderr": stderr}
+    return point
+
+
+def front_statistics(points: list[dict], objectives: tuple[str, ...], reference: list[float]) -> dict:
+    means = [[p[o]["mean"] for o in objectives] for p in points]
+    keep = non_dominated(means)
+    return {"non_dominated": [points[i]["name"] for i in keep], "hypervolume": hypervolume(means, reference),
+            "reference_point": reference}
+
+
+def table(points: list[dict], objectives: tuple[str, ...], non_dominated_names: list[str]) -> str:
+    """A markdown table: one row per point, mean ± standard error per objective."""
+    head = "| point | weights | " + " | ".join(objectives) + " | non-dominated |"
+    rows = [head, "|" + "---|" * (len(objectives) + 3)]
+    for p in points:
+        cells = [f"{p[o]['mean']:.3f} ± {p[o]['stderr']:.3f}" for o in objectives]
+        weights = "(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")" if p.get("weights") is not None else "-"
+        rows.append(f"| {p['name']} | {weights} | " + " | ".join(cells) +
+                    f" | {'yes' if p['name'] in non_dominated_names else ''} |")
+    return "\n".join(rows)
+
+
+def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path: Path, title: str) -> None:
+    """Scatter of the first two objectives, one series per method, points labelled by weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_name, y_name = objectives[0], objectives[1]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, points in fronts.items():
+        xs = [p[x_name]["mean"] for p in points]
+        ys = [p[y_name]["mean"] for p in points]
+        ax.errorbar(xs, ys, xerr=[p[x_name]["stderr"] for p in points], yerr=[p[y_name]["stderr"] for p in points],
+                    marker="o", linestyle="-" if len(fronts) > 1 else "none", capsize=2, label=method)
+        if len(fronts) == 1:
+            for p, x, y in zip(points, xs, ys):
+                if p.get("weights") is not None:
+                    ax.annotate("w=" + ",".join(f"{w:g}" for w in p["weights"]), (x, y), fontsize=7,
+                                textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel(f"{x_name} (higher is better)")
+    ax.set_ylabel(f"{y_name} (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], reference: list[float],
+                 meta: dict, title: str = "MODPO front") -> dict:
+    """front.md, front.json, front.csv and front.png in `folder`; returns the JSON document."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stats = front_statistics(points, objectives, reference)
+    document = {"objectives": list(objectives), "points": points, **stats, **meta}
+    text = table(points, objectives, stats["non_dominated"])
+    summary = (f"{text}\n\nHypervolume {stats['hypervolume']:.4f} (reference point "
+               f"{', '.join(f'{r:g}' for r in reference)}; objectives maximised).\n")
+    write_atomic(folder / "front.md", lambda tmp: tmp.write_text(summary))
+    write_atomic(folder / "front.json", lambda tmp: tmp.write_text(json.dumps(document, indent=2, default=str)))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["point", "weights", *[f"{o}_{s}" for o in objectives for s in ("mean", "stderr")], "n", "malformed"])
+    for p in points:
+        writer.writerow([p["name"], " ".join(map(str, p.get("weights") or [])),
+                         *[p[o][s] for o in objectives for s in ("mean", "stderr")], p["n"], p["malformed"]])
+    write_atomic(folder / "front.csv", lambda tmp: tmp.write_text(out.getvalue()))
+    plot_fronts({"MODPO": points}, objectives, folder / "front.png", title)
+    return document

@@ -1,0 +1,114 @@
+"""`modpo front`: one MODPO model per weight vector, each sampled and scored, then the report.
+
+Finished work is never redone: a point whose training run record matches is not retrained, and a point
+whose evaluation record matches is not re-sampled. A killed sweep resumes at the interrupted point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from modpo.cache import stable_hash, write_atomic
+from modpo.errors import ConfigError
+from modpo.front.evaluators import build_evaluators
+from modpo.front.generate import SamplingSettings, sample_responses
+from modpo.front.report import summarize, write_report
+from modpo.run_config import FrontConfig, StageConfig, from_dict
+
+logger = logging.getLogger(__name__)
+
+EVAL_FILE = "evaluation.json"
+EVALUATION_KEYS = {"prompts", "samples_per_prompt", "max_new_tokens", "min_new_tokens", "temperature", "top_p", "seed", "batch_size",
+                   "evaluators", "reference_point", "extra_models"}
+
+
+def point_name(weights: list[float]) -> str:
+    return "w" + "_".join(f"{w:g}" for w in weights)
+
+
+def evaluation_prompts(spec) -> list:
+    if isinstance(spec, list):
+        return spec
+    from modpo.stages import load_data
+
+    data, _ = load_data(spec, "evaluation.prompts")
+    return list(data["prompt"])
+
+
+def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: SamplingSettings, evaluators,
+                   extra: dict | None = None) -> dict:
+    """Sample `model_dir` on `prompts` and score; reuses `model_dir/evaluation.json` if it matches."""
+    from modpo.models import load_model, load_tokenizer
+
+    key = stable_hash({"prompts": prompts, "settings": settings.record(), "model": str(model_dir),
+                       "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators]})
+    record_file = model_dir / EVAL_FILE
+    if record_file.exists():
+        record = json.loads(record_file.read_text())
+        if record.get("key") == key:
+            return record["point"]
+    started = time.time()
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir)).to("cuda" if torch.cuda.is_available() else "cpu")
+    samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}")
+    scores, malformed, objectives = [], 0, ()
+    for evaluator in evaluators:
+        s, m = evaluator.score(samples)
+        scores.append(s)
+        malformed += m
+        objectives += tuple(evaluator.objectives)
+    point = summarize(name, weights, torch.cat(scores, dim=1), objectives, malformed,
+                      {"sampling_seconds": round(time.time() - started, 2), **(extra or {})})
+    write_atomic(record_file, lambda tmp: tmp.write_text(json.dumps(
+        {"key": key, "point": point, "sampling": settings.record(), "samples": samples[:20]}, indent=2, default=str)))
+    return point
+
+
+def _run_hash(model_dir: Path) -> str | None:
+    run_file = model_dir / "modpo_run.json"
+    return json.loads(run_file.read_text()).get("config_hash") if run_file.exists() else None
+
+
+def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front") -> dict:
+    """Train (or reuse) every point, evaluate it, write the report folder; returns the report document."""
+    from modpo.stages import run_preference
+
+    unknown = set(cfg.evaluation) - EVALUATION_KEYS
+    if unknown:
+        raise ConfigError(f"evaluation: unknown key(s) {', '.join(sorted(unknown))}")
+    if not cfg.weights or not all(isinstance(w, list) for w in cfg.weights):
+        raise ConfigError("weights: give a list of weight vectors, e.g. [[0.2, 0.8], [0.8, 0.2]]")
+    out = Path(cfg.output_dir)
+    evaluation = cfg.evaluation
+    prompts = evaluation_prompts(evaluation.get("prompts", []))
+    if not prompts:
+        raise ConfigError("evaluation.prompts: no prompts to sample")
+    settings = SamplingSettings(**{k: evaluation[k] for k in EVALUATION_KEYS if k in SamplingSettings.__annotations__
+                                   and k in evaluation})
+    evaluators = build_evaluators(evaluation.get("evaluators", []))
+    points, started = [], time.time()
+    for name, model_dir in (evaluation.get("extra_models") or {}).items():
+        points.append(evaluate_model(Path(model_dir), name, None, prompts, settings, evaluators))
+    for weights in cfg.weights:
+        name = point_name(weights)
+        train = dict(cfg.train)
+        train["training"] = {**train.get("training", {}), "weights": weights}
+        train["output_dir"] = str(out / "points" / name)
+        stage = from_dict(StageConfig, train, f"front point {name}")
+        t0 = time.time()
+        run_dir = run_preference(stage, "train", overwrite=overwrite)
+        run = json.loads((run_dir / "modpo_run.json").read_text())
+        logger.info("point %s trained or reused in %.1fs", name, time.time() - t0)
+        points.append(evaluate_model(run_dir, name, weights, prompts, settings, evaluators,
+                                     {"train_seconds": run.get("wall_seconds")}))
+    objectives = tuple(o for o in points[0] if isinstance(points[0][o], dict) and "mean" in points[0][o])
+    reference = evaluation.get("reference_point") or [min(p[o]["mean"] for p in points) for o in objectives]
+    meta = {"sampling": settings.record(), "evaluators": [e.describe() for e in evaluators],
+            "num_prompts": len(prompts), "wall_seconds": round(time.time() - started, 2),
+            "reference_point_rule": "given" if evaluation.get("reference_point") else "per-objective minimum over points"}
+    return write_report(out, points, objectives, list(reference), meta, title)

@@ -1,0 +1,135 @@
+"""Run configurations as data: YAML files plus `key.path=value` overrides, checked key by key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from modpo.errors import ConfigError
+
+
+@dataclass
+class StageConfig:
+    """One training stage (sft, reward, dpo or train)."""
+
+    model: str = field(metadata={"help": "Starting model: a folder, a hub id, a .gguf file, or pkg:smollm2."})
+    output_dir: str = field(metadata={"help": "Folder for checkpoints and the final save_pretrained model."})
+    train_data: typing.Any = field(metadata={"help": "Training data: a JSONL/JSON/parquet path, or a loader spec "
+                                                     "{loader: pku_saferlhf|hh_rlhf|ultrafeedback|qa_feedback|"
+                                                     "attribute_ratings|jsonl, path: ..., ...}."})
+    eval_data: typing.Any = field(default=None, metadata={"help": "Evaluation data, same forms as train_data."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path (default: the model's)."})
+    ref_model: str | None = field(default=None, metadata={"help": "Reference model (default: the starting model; "
+                                                                  "under LoRA the base with adapters off)."})
+    margins: list = field(default_factory=list, metadata={
+        "help": "Margin reward sources for objectives 1..K-1, in order. Each is {type: implicit_reward, model, "
+                "ref_model?, beta} | {type: reward_model, model, outputs?} | {type: columns, chosen: [...], "
+                "rejected: [...]} | {type: length_penalty}. Or give chosen_margins/rejected_margins columns."})
+    lora: dict | None = field(default=None, metadata={"help": "LoRA settings (peft.LoraConfig fields: r, lora_alpha, "
+                                                              "target_modules, ...); null trains all weights."})
+    dtype: str = field(default="fp32", metadata={"help": "Weights dtype when loading: fp32, bf16, fp16 or auto."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
+    num_labels: int = field(default=1, metadata={"help": "reward stage: number of reward outputs (objectives)."})
+    training: dict = field(default_factory=dict, metadata={
+        "help": "Trainer arguments: MODPOConfig fields for dpo/train (weights, beta, loss_type, label_smoothing, "
+                "max_length, ...), SFTConfig/RewardConfig fields for sft/reward, plus any TrainingArguments field "
+                "(learning_rate, num_train_epochs, per_device_train_batch_size, seed, ...)."})
+
+
+@dataclass
+class FrontConfig:
+    """A sweep over weight vectors: one MODPO model per vector, each sampled and scored."""
+
+    train: dict = field(metadata={"help": "The train stage's settings (StageConfig keys); output_dir is set per point."})
+    output_dir: str = field(metadata={"help": "Report folder; each point trains into output_dir/points/<name>."})
+    weights: list = field(metadata={"help": "Weight vectors, e.g. [[0.1, 0.9], [0.5, 0.5], [0.9, 0.1]]."})
+    evaluation: dict = field(default_factory=dict, metadata={
+        "help": "prompts (a list, or a data spec with a prompt column), samples_per_prompt, max_new_tokens, "
+                "temperature, top_p, seed, evaluators (list of {type: demo_exact} | {type: reward_model, model} | "
+                "{type: implicit_reward, model, ref_model?, beta} | {type: length_penalty})."})
+
+
+def _type_ok(value, annotation) -> bool:
+    if annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    target = origin or annotation
+    if target is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if target is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, target)
+
+
+def from_dict(cls, data: dict, source: str):
+    """Build dataclass `cls` from `data`, refusing unknown keys, missing keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(fields)})")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{source}: key '{key}' should be {hints[key]}, got {type(value).__name__} {value!r}")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
+    return cls(**data)
+
+
+def read_yaml(path: str | Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return data or {}
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{item}': value is not valid YAML") from None
+        node = data
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{key}' is not a mapping")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(cls, path: str | None, overrides: list[str]):
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, overrides)
+    return from_dict(cls, data, path or "command line")
+
+
+def describe(cls) -> str:
+    """One line per key with its help, for --help."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = "required" if required else f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+        lines.append(f"  {f.name:<18} {f.metadata.get('help', '')} ({default})")
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""The paper's training stages, each from a StageConfig: SFT, reward model, DPO and MODPO.
+
+SFT and reward models are TRL's trainers; DPO is MODPO with one objective. Every stage ends with a
+`save_pretrained` folder, a model card (README.md) and `modpo_run.json`, written last and atomically:
+its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from modpo.cache import stable_hash, write_atomic
+from modpo.errors import ConfigError
+from modpo.run_config import StageConfig
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "modpo_run.json"
+CPU_DEFAULTS = {"bf16": False, "gradient_checkpointing": False}  # TRL's defaults crawl on CPU
+
+
+def load_data(spec, name: str, preferences: bool = True):
+    """A Dataset from a path (JSONL/JSON/parquet) or a loader spec dict.
+
+    A path holds preference rows (checked) or, with `preferences=False`, any rows (e.g. SFT's
+    prompt/completion or messages).
+    """
+    from datasets import Dataset
+
+    from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
+
+    if spec is None:
+        return None, None
+    if isinstance(spec, str):
+        return (load_preferences(spec) if preferences else Dataset.from_list(read_records(spec))), spec
+    if isinstance(spec, dict):
+        return load_dataset_from_config(spec), str(spec.get("path", name))
+    raise ConfigError(f"{name}: expected a path or a loader mapping, got {type(spec).__name__}")
+
+
+def margin_sources(specs: list[dict], tokenizer, max_length: int):
+    """Margin reward sources from their config mappings (see StageConfig.margins)."""
+    from modpo import margins as m
+
+    sources = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        kind = spec.pop("type", None)
+        where = f"margins[{i}]"
+        try:
+            if kind == "implicit_reward":
+                sources.append(m.ImplicitRewardMargins(spec.pop("model"), ref_model=spec.pop("ref_model", None),
+                                                       beta=float(spec.pop("beta", 0.1)), max_length=max_length,
+                                                       tokenizer=tokenizer if spec.pop("same_tokenizer", True) else None,
+                                                       **spec))
+            elif kind == "reward_model":
+                sources.append(m.RewardModelMargins(spec.pop("model"), outputs=spec.pop("outputs", None),
+                                                    max_length=max_length, **spec))
+            elif kind == "columns":
+                sources.append(m.ColumnMargins(spec.pop("chosen"), spec.pop("rejected"), **spec))
+            elif kind == "length_penalty":
+                sources.append(m.CallableMargins(m.length_penalty, name="length_penalty"))
+            else:
+                raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, length_penalty)")
+        except KeyError as err:
+            raise ConfigError(f"{where}: missing key {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return sources
+
+
+def trainer_args(config_cls, cfg: StageConfig, **fixed):
+    """The stage's trainer config from `cfg.training`, refusing unknown fields."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(cfg.training) - known)
+    if unknown:
+        raise ConfigError(f"training: unknown key(s) {', '.join(unknown)} for {config_cls.__name__}")
+    values = {"report_to": [], "save_total_limit": 2, "logging_steps": 10}
+    if not torch.cuda.is_available():
+        values.update(CPU_DEFAULTS)
+    values.update(cfg.training)
+    values.update(fixed, output_dir=cfg.output_dir)
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"training: {err}") from None
+
+
+def check_output_dir(cfg: StageConfig, stage: str, overwrite: bool) -> bool:
+    """True if output_dir already holds this exact finished run; refuse one that holds a different run."""
+    run_file = Path(cfg.output_dir) / RUN_FILE
+    if not run_file.exists():
+        return False
+    previous = json.loads(run_file.read_text())
+    if previous.get("config_hash") == stable_hash({"stage": stage, **dataclasses.asdict(cfg)}):
+        return True
+    if not overwrite:
+        raise ConfigError(f"{cfg.output_dir} already holds a different {previous.get('stage', '?')} run; "
+                          "choose another output_dir or pass --overwrite")
+    return False
+
+
+def finish(trainer, cfg: StageConfig, stage: str, started: float, extra: dict) -> Path:
+    """Save the model, its card and the run record (last, atomically)."""
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(out))
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(out))
+    args = trainer.args
+    record = {
+        "stage": stage,
+        "config_hash": stable_hash({"stage": stage, **dataclasses.asdict(cfg)}),
+        "config": dataclasses.asdict(cfg),
+        "seed": args.seed,
+        "train_data": cfg.train_data,
+        "margins": cfg.margins,
+        "wall_seconds": round(time.time() - started, 2),
+        "device": str(args.device),
+        "host": platform.node(),
+        "final_log": trainer.state.log_history[-1] if trainer.state.log_history else {},
+        **extra,
+    }
+    card = [f"# {out.name}", "", f"Trained with modpo, stage `{stage}`.", "",
+            f"- base model: `{cfg.model}`", f"- data: `{cfg.train_data}`", f"- seed: {args.seed}"]
+    for key in ("weights", "beta", "loss_type"):
+        if key in extra:
+            card.append(f"- {key}: {extra[key]}")
+    if cfg.margins:
+        card.append(f"- margin sources: {json.dumps(cfg.margins)}")
+    if cfg.lora:
+        card.append(f"- LoRA: {json.dumps(cfg.lora)}")
+    write_atomic(out / "README.md", lambda tmp: tmp.write_text("\n".join(card) + "\n"))
+    write_atomic(out / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+    return out
+
+
+def _load(cfg: StageConfig, kind: str = "causal_lm", num_labels: int | None = None):
+    from modpo.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model(cfg.model, kind=kind, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                       num_labels=num_labels)
+    if kind == "reward" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _lora(cfg: StageConfig, task_type: str):
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(task_type=task_type, **cfg.lora)
+    except TypeError as err:
+        raise ConfigError(f"lora: {err}") from None
+
+
+def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Supervised fine-tuning with TRL's SFTTrainer (prompt/completion or messages data)."""
+    from trl import SFTConfig, SFTTrainer
+
+    if check_output_dir(cfg, "sft", overwrite):
+        return Path(cfg.output_dir)
+    started = time.time()
+    args = trainer_args(SFTConfig, cfg)
+    model, tokenizer = _load(cfg)
+    train, _ = load_data(cfg.train_data, "train_data", preferences=False)
+    evaluation, _ = load_data(cfg.eval_data, "eval_data", preferences=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=_lora(cfg, "CAUSAL_LM"))
+    trainer.train(resume_from_checkpoint=resume or None)
+    return finish(trainer, cfg, "sft", started, {})
+
+
+def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Reward-model training with TRL's RewardTrainer (Bradley-Terry on preference pairs)."""
+    from trl import RewardConfig, RewardTrainer
+
+    if check_output_dir(cfg, "reward", overwrite):
+        return Path(cfg.output_dir)
+    started = time.time()
+    args = trainer_args(RewardConfig, cfg)
+    model, tokenizer = _load(cfg, kind="reward", num_labels=cfg.num_labels)
+    train, _ = load_data(cfg.train_data, "train_data")
+    evaluation, _ = load_data(cfg.eval_data, "eval_data")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                            processing_class=tokenizer, peft_config=_lora(cfg, "SEQ_CLS"))
+    trainer.train(resume_from_checkpoint=resume or None)
+    return finish(trainer, cfg, "reward", started, {})
+
+
+def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False, overwrite: bool = False) -> Path:
+    """MODPO (`stage="train"`) or DPO (`stage="dpo"`: weights [1.0], no margins)."""
+    from modpo.config import MODPOConfig
+    from modpo.models import load_model
+    from modpo.trainer import MODPOTrainer
+
+    if stage == "dpo":
+        if cfg.margins or cfg.training.get("weights", [1.0]) != [1.0]:
+            raise ConfigError("dpo: a DPO run has one objective; use `modpo train` for margins and weights")
+    if check_output_dir(cfg, stage, overwrite):
+        return Path(cfg.output_dir)
+    started = time.time()
+    args = trainer_args(MODPOConfig, cfg)
+    model, tokenizer = _load(cfg)
+    ref_model = load_model(cfg.ref_model, dtype=cfg.dtype) if cfg.ref_model else None
+    train, train_name = load_data(cfg.train_data, "train_data")
+    evaluation, eval_name = load_data(cfg.eval_data, "eval_data")
+    sources = margin_sources(cfg.margins, tokenizer, args.max_length)
+    trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
+                           processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
+                           data_names=(train_name, eval_name))
+    trainer.train(resume_from_checkpoint=resume or None)
+    return finish(trainer, cfg, stage, started,
+                  {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
+                   "margin_sources": [s.describe() for s in sources]})
+
+
+STAGES = {"sft": run_sft, "reward": run_reward,
+          "dpo": lambda cfg, **kw: run_preference(cfg, "dpo", **kw),
+          "train": lambda cfg, **kw: run_preference(cfg, "train", **kw)}
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
