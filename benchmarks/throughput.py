@@ -23,14 +23,13 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
-import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,7 +144,6 @@ def common_training_kwargs(args, out_dir: Path) -> dict:
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         torch_compile=args.torch_compile,
-        train_sampling_strategy="sequential",
         dataloader_num_workers=0,
         logging_strategy="no",
         save_strategy="no",
@@ -157,7 +155,24 @@ def common_training_kwargs(args, out_dir: Path) -> dict:
         use_cpu=not args.on_gpu,
         max_length=args.max_length,
         beta=args.beta,
+        **sequential_kwargs(),
     )
+
+
+def sequential_kwargs() -> dict:
+    """No shuffling: both trainers see the rows in dataset order (field exists in recent transformers only)."""
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in names else {}
+
+
+def force_sequential(trainer) -> None:
+    """Fallback for transformers without `train_sampling_strategy`: a per-instance sequential sampler."""
+    if not sequential_kwargs():
+        from torch.utils.data import SequentialSampler
+
+        trainer._get_train_sampler = lambda *args, **kwargs: SequentialSampler(trainer.train_dataset)
 
 
 class CountingCollator:
@@ -269,6 +284,7 @@ def run_side(side: str, args, folder: Path, rows, work: Path, weights_dtype, n_f
     builder = build_modpo if side == "modpo" else build_trl
     trainer, settings = builder(args, folder, rows, work / side, weights_dtype)
     init_s = time.perf_counter() - start
+    force_sequential(trainer)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     timer = make_timer(cuda)
@@ -278,7 +294,7 @@ def run_side(side: str, args, folder: Path, rows, work: Path, weights_dtype, n_f
         "attn_implementation": model.config._attn_implementation,
         "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "bf16": trainer.args.bf16,
-        "optim": str(trainer.args.optim),
+        "optim": getattr(trainer.args.optim, "value", str(trainer.args.optim)),
         "gradient_checkpointing": trainer.args.gradient_checkpointing,
         "torch_compile": trainer.args.torch_compile,
         "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
@@ -366,6 +382,7 @@ def markdown_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the report (also printed as a table and, with --out, written as JSON)."""
     bc.set_offline_env()
     args = build_parser().parse_args(argv)
     import torch
@@ -376,7 +393,9 @@ def main(argv: list[str] | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(args, argv)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5.2x renames, TRL deprecations
+            return _run(args, argv)
     finally:
         torch.set_num_threads(threads_before)
 

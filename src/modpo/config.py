@@ -28,6 +28,10 @@ class MODPOConfig(TrainingArguments):
                                                              "policy learns where to stop."})
     chunked_logps: bool = field(default=True, metadata={"help": "Apply the LM head to response tokens only, in chunks, "
                                                                "without materialising full-vocabulary fp32 logits."})
+    padding_free: bool = field(default=False, metadata={"help": "Pack each batch's sequences into one row without pad "
+                                                               "tokens (variable-length attention; fastest on GPU)."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Round batch lengths up to a multiple of "
+                                                                         "this (shape buckets for torch_compile)."})
     precompute_batch_size: int = field(default=16, metadata={"help": "Batch size of the reference/margin precompute."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where precomputed reference log-probs and margins are "
                                                                  "cached (default: $MODPO_CACHE or ~/.cache/modpo)."})

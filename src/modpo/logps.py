@@ -66,21 +66,28 @@ def chunked_token_logps(hidden, weight, bias, targets, chunk_size: int) -> torch
 def sequence_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     response_mask: torch.Tensor,
     chunked: bool = True,
     position_ids: torch.Tensor | None = None,
+    sequence_index: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    **model_inputs,
 ) -> torch.Tensor:
-    """Sum of log pi(token) over positions where `response_mask` is 1, per row: shape (B,), fp32.
+    """Sum of log pi(token) over positions where `response_mask` is 1, per sequence: shape (S,), fp32.
 
     `response_mask[b, t] = 1` marks input_ids[b, t] as a response token (scored given everything before it).
+    Padded batches have one sequence per row. Packed batches (`modpo.packing`) hold several sequences in a
+    row: `sequence_index[b, t]` says which, and `model_inputs` carries the variable-length attention inputs.
     """
     targets_mask = response_mask[:, 1:].bool()
     targets = input_ids[:, 1:][targets_mask]
-    row_of_token = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets_mask)
-    row_of_token = row_of_token[targets_mask]
+    if sequence_index is None:
+        sequence_index = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+        num_sequences = input_ids.shape[0]
+    sequence_of_token = sequence_index[:, 1:][targets_mask]
     head = _output_head(model) if chunked else None
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **model_inputs}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if head is not None:
@@ -92,8 +99,8 @@ def sequence_logps(
     else:
         logits = model(**kwargs).logits[:, :-1][targets_mask].float()
         token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, row_of_token, token_logps)
+    out = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
+    return out.index_add(0, sequence_of_token, token_logps)
 
 
 @torch.inference_mode()

@@ -25,6 +25,9 @@ from modpo.margins import compute_margin_rewards
 
 logger = logging.getLogger(__name__)
 
+# Batch entries the loss reads; everything else in a batch goes to the model.
+NOT_MODEL_INPUTS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_margins", "rejected_margins", "row_index")
+
 
 def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
@@ -112,7 +115,12 @@ class MODPOTrainer(Trainer):
                 train_dataset = prepare(train_dataset, train_name or "train_dataset")
             if eval_dataset is not None:
                 eval_dataset = prepare(eval_dataset, eval_name or "eval_dataset")
-        super().__init__(model=model, args=args, data_collator=PreferenceCollator(processing_class.pad_token_id),
+        if args.padding_free:
+            from modpo.packing import use_padding_free
+
+            use_padding_free(model)
+        collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of)
+        super().__init__(model=model, args=args, data_collator=collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
@@ -120,11 +128,13 @@ class MODPOTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: MODPOConfig = self.args
-        logps = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"],
-                               chunked=args.chunked_logps)
         pairs = inputs["ref_chosen_logps"].shape[0]
+        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+        if "sequence_index" in model_inputs:  # packed: sequences 0..2B-1, then any length filler
+            model_inputs.update(num_sequences=2 * pairs + 1, attention_mask=None)
+        logps = sequence_logps(model, chunked=args.chunked_logps, **model_inputs)
         losses, chosen_rewards, rejected_rewards = modpo_loss(
-            logps[:pairs], logps[pairs:], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
+            logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             inputs.get("chosen_margins"), inputs.get("rejected_margins"), args.weights,
             beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
         loss = losses.mean()
@@ -132,7 +142,7 @@ class MODPOTrainer(Trainer):
             rows = (inputs["row_index"] + 1).tolist()
             raise FloatingPointError(f"non-finite MODPO loss ({loss.item()}) at step {self.state.global_step}, "
                                      f"batch of data rows {rows}")
-        self._record(inputs, logps[:pairs], logps[pairs:], chosen_rewards, rejected_rewards)
+        self._record(inputs, logps[:pairs], logps[pairs : 2 * pairs], chosen_rewards, rejected_rewards)
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs else loss
 
     @torch.no_grad()

@@ -134,25 +134,35 @@ def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "datas
     return dataset
 
 
-def pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+def pad(sequences: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
     width = max(len(s) for s in sequences)
+    if multiple_of:
+        width += (-width) % multiple_of
     out = torch.full((len(sequences), width), value, dtype=torch.long)
     for i, s in enumerate(sequences):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
 
 
-def concatenated_inputs(prompt_ids, chosen_ids, rejected_ids, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One right-padded batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 are prompt+rejected."""
+def concatenated_inputs(prompt_ids, chosen_ids, rejected_ids, pad_token_id: int, padding_free: bool = False,
+                        pad_to_multiple_of: int | None = None) -> dict:
+    """Model inputs scoring all chosen responses (sequences 0..B-1) then all rejected ones (B..2B-1).
+
+    Padded: one right-padded row per sequence. Padding-free: all sequences in one row (`modpo.packing`).
+    `pad_to_multiple_of` rounds the length up, so compiled kernels see few distinct shapes.
+    """
     prompts = list(prompt_ids) * 2
     responses = list(chosen_ids) + list(rejected_ids)
     sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
     masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
-    input_ids = pad(sequences, pad_token_id)
+    if padding_free:
+        from modpo.packing import pack
+
+        return pack(sequences, masks, pad_token_id, pad_to_multiple_of)
     return {
-        "input_ids": input_ids,
-        "attention_mask": pad([[1] * len(s) for s in sequences], 0),
-        "response_mask": pad(masks, 0),
+        "input_ids": pad(sequences, pad_token_id, pad_to_multiple_of),
+        "attention_mask": pad([[1] * len(s) for s in sequences], 0, pad_to_multiple_of),
+        "response_mask": pad(masks, 0, pad_to_multiple_of),
     }
 
 
@@ -161,6 +171,8 @@ class PreferenceCollator:
     """Collates tokenized preference rows (plus any precomputed reference log-probs and margins)."""
 
     pad_token_id: int
+    padding_free: bool = False
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = concatenated_inputs(
@@ -168,6 +180,8 @@ class PreferenceCollator:
             [f["chosen_ids"] for f in features],
             [f["rejected_ids"] for f in features],
             self.pad_token_id,
+            self.padding_free,
+            self.pad_to_multiple_of,
         )
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in features[0]:

@@ -1,0 +1,150 @@
+"""The `modpo` command: one subcommand per stage, each a YAML config plus `key.path=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from modpo.errors import ModpoError
+
+STAGE_HELP = {
+    "sft": "supervised fine-tuning (TRL SFTTrainer)",
+    "reward": "reward-model training (TRL RewardTrainer); num_labels > 1 gives a multi-objective head",
+    "dpo": "DPO: MODPO with one objective (weights [1.0])",
+    "train": "MODPO for one weight vector: preference pairs for objective 0, margin rewards for the rest",
+}
+
+EPILOG = """Overrides set any config key by its dotted path, the value read as YAML, e.g.
+  modpo train --config recipe.yaml training.weights=[0.3,0.7] training.beta=0.1 output_dir=runs/w03
+Config keys:
+{keys}"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from modpo.run_config import FrontConfig, StageConfig, describe
+
+    parser = argparse.ArgumentParser(prog="modpo", description="Multi-objective direct preference optimization.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in STAGE_HELP.items():
+        epilog = EPILOG.format(keys=describe(StageConfig))
+        if name in ("dpo", "train"):
+            epilog += "\nMODPO keys under training: (besides every transformers.TrainingArguments field)\n" + _modpo_fields()
+        p = sub.add_parser(name, help=text, description=text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p)
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    front = sub.add_parser("front", help="train and evaluate every weight vector of a sweep; write the report",
+                           description="Train (or reuse) one MODPO model per weight vector, sample each on the "
+                                       "evaluation prompts, score them, and write front.md/.json/.csv/.png.",
+                           epilog=EPILOG.format(keys=describe(FrontConfig)),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(front)
+    demo = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic task, on CPU, in about a minute",
+                          description="SFT -> margin model (DPO on harmlessness) -> MODPO at several weights -> "
+                                      "sampling -> exact scoring, on a synthetic helpful-vs-harmless task.")
+    demo.add_argument("--output-dir", default="runs/demo", help="where models, data and the report go (default: runs/demo)")
+    demo.add_argument("--weights", default="0.1,0.3,0.5,0.7,0.9",
+                      help="comma-separated helpfulness weights w; each point trains w = (w, 1 - w)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training (default: 0)")
+    demo.add_argument("--beta", type=float, default=0.1, help="KL strength of DPO and MODPO (default: 0.1)")
+    demo.add_argument("--overwrite", action="store_true", help="replace runs in output-dir that used other settings")
+    return parser
+
+
+def _modpo_fields() -> str:
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from modpo.config import MODPOConfig
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "\n".join(f"  training.{f.name:<21} {f.metadata.get('help', '')} (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r})"
+                     for f in dataclasses.fields(MODPOConfig) if f.name not in inherited)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="YAML file of config keys (listed below)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config key (dotted path)")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing a different run already in output_dir")
+
+
+def _run(args) -> int:
+    from modpo.run_config import FrontConfig, StageConfig, load_config
+
+    if args.command == "demo":
+        from modpo.demo.pipeline import run_demo
+
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ModpoError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
+        report = run_demo(args.output_dir, weights, seed=args.seed, beta=args.beta, overwrite=args.overwrite)
+        folder = Path(args.output_dir) / "front"
+        print((folder / "front.md").read_text())
+        print(f"Plot: {folder / 'front.png'}   data: {folder / 'front.json'}, {folder / 'front.csv'}")
+        print(f"Demo finished in {report['demo_wall_seconds']:.0f} s.")
+        return 0
+    if args.command == "front":
+        from modpo.front.sweep import run_front
+
+        cfg = load_config(FrontConfig, args.config, args.overrides)
+        with _clean_on_error(cfg.output_dir):
+            run_front(cfg, overwrite=args.overwrite)
+        print((Path(cfg.output_dir) / "front.md").read_text())
+        return 0
+    from modpo.stages import STAGES
+
+    cfg = load_config(StageConfig, args.config, args.overrides)
+    with _clean_on_error(cfg.output_dir):
+        out = STAGES[args.command](cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"saved to {out}")
+    return 0
+
+
+class _clean_on_error:
+    """Remove output_dir if this command created it and then failed: no partial output is left behind."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir)
+        self.existed = self.path.exists()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None and not self.existed and issubclass(kind, (ModpoError, FloatingPointError)):
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        return _run(args)
+    except ModpoError as err:
+        print(f"modpo: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"modpo: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("modpo: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
