@@ -16,7 +16,7 @@
 # Knobs (environment): PYTHON (python3), STEPS (12), WARMUP (4), PAIRS (8), RUN_TIMEOUT (s per run, 240),
 # MODELS (/tmp/modpo-bench-models: saved random models, reused between runs), EXTRA_MODPO_SETS (space-separated
 # KEY=VALUE MODPOConfig settings, one extra modpo-only 0.5b row each, e.g. "padding_free=true"), SKIP_LEVERS=1,
-# SKIP_15B=1, SKIP_PRECOMPUTE=1.
+# SKIP_15B=1, SKIP_PRECOMPUTE=1, CPU_SMOKE=1 (check this script without a GPU: tiny shape, --cpu, few steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -24,8 +24,12 @@ OUTDIR=${1:-${OUT:-bench-results}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-12}
-WARMUP=${WARMUP:-4}
+SMOKE=${CPU_SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  STEPS=${STEPS:-4}; WARMUP=${WARMUP:-1}; S05=tiny; S15=tiny; CPU=(--cpu)
+else
+  STEPS=${STEPS:-12}; WARMUP=${WARMUP:-4}; S05=0.5b; S15=1.5b; CPU=()
+fi
 PAIRS=${PAIRS:-8}
 RUN_TIMEOUT=${RUN_TIMEOUT:-240}
 MODELS=${MODELS:-/tmp/modpo-bench-models}
@@ -43,15 +47,17 @@ if compgen -G "$WHL_DIR/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$REPO/src:$REPO/benchmarks:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export TQDM_DISABLE=1 MODPO_CACHE=/tmp/modpo-bench-cache
+export TQDM_DISABLE=1 MODPO_CACHE=/tmp/modpo-bench-cache CPU_SMOKE=$SMOKE
 
 "$PY" - <<'PYEOF' || { echo "preflight failed: missing packages or no GPU"; exit 1; }
 import torch, transformers, accelerate, datasets, trl, modpo
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__,
       "| accelerate", accelerate.__version__, "| datasets", datasets.__version__, "| trl", trl.__version__,
       "| modpo", modpo.__file__)
-assert torch.cuda.is_available(), "no CUDA device"
-print(torch.cuda.get_device_name(0))
+import os
+if os.environ.get("CPU_SMOKE") != "1":
+    assert torch.cuda.is_available(), "no CUDA device"
+    print(torch.cuda.get_device_name(0))
 PYEOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader || true
 
@@ -61,31 +67,32 @@ run() {  # run NAME SHAPE [throughput args...]
   echo
   echo "=== $name ($shape) $* [t=$((SECONDS - START))s]"
   timeout "$RUN_TIMEOUT" "$PY" benchmarks/throughput.py --shape "$shape" --steps "$STEPS" --warmup "$WARMUP" \
-    --pairs-per-step "$PAIRS" --model-dir "$MODELS/$shape" --label "$name" --out "$RUNS_DIR/$name.json" "$@" \
+    --pairs-per-step "$PAIRS" --model-dir "$MODELS/$shape" --label "$name" --out "$RUNS_DIR/$name.json" \
+    ${CPU[@]+"${CPU[@]}"} "$@" \
     2>&1 | grep -v -E "^\{'train_runtime'|it/s\]$|Warning: |warnings.warn"
   echo "--- $name exit ${PIPESTATUS[0]}"
 }
 
 # modpo (default levers) vs TRL
-run 05b 0.5b
-[ "${SKIP_15B:-0}" = 1 ] || run 15b 1.5b
+run 05b "$S05"
+[ "${SKIP_15B:-0}" = 1 ] || run 15b "$S15"
 
 # modpo lever on/off rows at 0.5b (compare each with the modpo row of 05b)
 if [ "${SKIP_LEVERS:-0}" != 1 ]; then
-  run lever_nochunk 0.5b --which modpo --no-modpo-chunked-logps
-  run lever_fused 0.5b --which modpo --optim adamw_torch_fused
-  run lever_gradckpt 0.5b --which modpo --gradient-checkpointing
-  run lever_compile 0.5b --which modpo --torch-compile
+  run lever_nochunk "$S05" --which modpo --no-modpo-chunked-logps
+  run lever_fused "$S05" --which modpo --optim adamw_torch_fused
+  run lever_gradckpt "$S05" --which modpo --gradient-checkpointing
+  [ "$SMOKE" = 1 ] || run lever_compile "$S05" --which modpo --torch-compile  # compiling on CPU takes minutes
 fi
 for kv in ${EXTRA_MODPO_SETS:-}; do
-  run "lever_set_${kv%%=*}" 0.5b --which modpo --modpo-set "$kv"
+  run "lever_set_${kv%%=*}" "$S05" --which modpo --modpo-set "$kv"
 done
 
 if [ "${SKIP_PRECOMPUTE:-0}" != 1 ]; then
   echo
   echo "=== precompute_05b [t=$((SECONDS - START))s]"
-  timeout "$RUN_TIMEOUT" "$PY" benchmarks/precompute.py --shape 0.5b --pairs 128 --model-dir "$MODELS/0.5b" \
-    --out "$RUNS_DIR/precompute_05b.json" 2>&1 | grep -v -E "Warning: |warnings.warn"
+  timeout "$RUN_TIMEOUT" "$PY" benchmarks/precompute.py --shape "$S05" --model-dir "$MODELS/$S05" \
+    --out "$RUNS_DIR/precompute_05b.json" ${CPU[@]+"${CPU[@]}"} 2>&1 | grep -v -E "Warning: |warnings.warn"
   echo "--- precompute_05b exit ${PIPESTATUS[0]}"
 fi
 

@@ -222,6 +222,7 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     trainer.train(resume_from_checkpoint=resume or None)
     return finish(trainer, cfg, stage, started,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
+                   "token_counts": trainer.token_counts,
                    "margin_sources": [s.describe() for s in sources]})
 
 

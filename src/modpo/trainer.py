@@ -26,7 +26,8 @@ from modpo.margins import compute_margin_rewards
 logger = logging.getLogger(__name__)
 
 # Batch entries the loss reads; everything else in a batch goes to the model.
-NOT_MODEL_INPUTS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_margins", "rejected_margins", "row_index")
+NOT_MODEL_INPUTS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_margins", "rejected_margins", "row_index",
+                    "loss_weight")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -125,6 +126,8 @@ class MODPOTrainer(Trainer):
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Compute accounting: non-pad tokens through forward (and backward) passes of the policy.
+        self.token_counts = {"forward": 0, "backward": 0}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: MODPOConfig = self.args
@@ -137,7 +140,14 @@ class MODPOTrainer(Trainer):
             logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             inputs.get("chosen_margins"), inputs.get("rejected_margins"), args.weights,
             beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+        if "loss_weight" in inputs:  # per-row weights, e.g. the DPO-LW baseline's w_k per objective's rows
+            losses = losses * inputs["loss_weight"]
         loss = losses.mean()
+        tokens = (model_inputs["sequence_index"] < 2 * pairs) if "sequence_index" in model_inputs else inputs["attention_mask"]
+        tokens = int(tokens.sum())
+        self.token_counts["forward"] += tokens
+        if model.training:
+            self.token_counts["backward"] += tokens
         if not torch.isfinite(loss):
             rows = (inputs["row_index"] + 1).tolist()
             raise FloatingPointError(f"non-finite MODPO loss ({loss.item()}) at step {self.state.global_step}, "

@@ -189,5 +189,7 @@ class PreferenceCollator:
         for key in ("chosen_margins", "rejected_margins"):
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32).reshape(len(features), -1)
+        if "loss_weight" in features[0]:
+            batch["loss_weight"] = torch.tensor([f["loss_weight"] for f in features], dtype=torch.float32)
         batch["row_index"] = torch.tensor([f.get("row_index", -1) for f in features], dtype=torch.long)
         return batch
