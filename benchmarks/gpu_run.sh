@@ -2,7 +2,7 @@
 # One-GPU benchmark run: modpo vs TRL at the 0.5b and 1.5b shapes, then modpo lever on/off rows at 0.5b, then the
 # reference-log-prob precompute. About 5-7 minutes on an H100.
 #
-#   bash benchmarks/gpu_run.sh OUTDIR            # OUTDIR defaults to $OUT, else ./bench-results
+#   bash benchmarks/gpu_run.sh OUTDIR            # OUTDIR defaults to $OUT, else /tmp/modpo-bench-results
 #
 # Needs torch (CUDA), transformers, accelerate, peft. trl and datasets (+ dill, multiprocess) may come as wheels in
 # $WHL_DIR (default .whl at the repository root; fill it with benchmarks/fetch_wheels.sh). modpo itself is used
@@ -20,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-OUTDIR=${1:-${OUT:-bench-results}}
+OUTDIR=${1:-${OUT:-/tmp/modpo-bench-results}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 PY=${PYTHON:-python3}
@@ -75,19 +75,18 @@ run() {  # run NAME SHAPE [throughput args...]
 
 # modpo (default levers) vs TRL
 run 05b "$S05"
+for kv in ${EXTRA_MODPO_SETS:-}; do
+  run "lever_set_${kv%%=*}" "$S05" --which modpo --modpo-set "$kv"
+done
 [ "${SKIP_15B:-0}" = 1 ] || run 15b "$S15"
 
 # modpo lever on/off rows at 0.5b (compare each with the modpo row of 05b)
 if [ "${SKIP_LEVERS:-0}" != 1 ]; then
   run lever_nochunk "$S05" --which modpo --no-modpo-chunked-logps
-  run lever_fused "$S05" --which modpo --optim adamw_torch_fused
+  run lever_unfused "$S05" --which modpo --optim adamw_torch
   run lever_gradckpt "$S05" --which modpo --gradient-checkpointing
   [ "$SMOKE" = 1 ] || run lever_compile "$S05" --which modpo --torch-compile  # compiling on CPU takes minutes
 fi
-for kv in ${EXTRA_MODPO_SETS:-}; do
-  run "lever_set_${kv%%=*}" "$S05" --which modpo --modpo-set "$kv"
-done
-
 if [ "${SKIP_PRECOMPUTE:-0}" != 1 ]; then
   echo
   echo "=== precompute_05b [t=$((SECONDS - START))s]"

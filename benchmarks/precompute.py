@@ -34,16 +34,15 @@ CPU_NOMINAL_TFLOPS = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="CPU mode: tiny shape, short sequences, fp32")
     p.add_argument("--shape", choices=sorted(bc.SHAPES), default=None, help="default 0.5b (tiny with --cpu)")
     p.add_argument("--pairs", type=int, default=None, help="preference rows (2 sequences each; default 128, 16 on CPU)")
     p.add_argument("--prompt-len", type=int, default=None, help="mean prompt tokens (default 128; 32 on CPU)")
     p.add_argument("--response-len", type=int, default=None, help="mean response tokens (default 384; 64 on CPU)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (MODPOConfig.precompute_batch_size)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward = MODPOConfig.precompute_batch_size (default 16)")
     p.add_argument("--modes", default=None, help="comma-separated: bf16, fp32, fp32-autocast (default: all on GPU, fp32 on CPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes over the data per mode (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the data per mode, median reported (default 3)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU in TFLOP/s (989 on GPU; nominal 1 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 in CPU mode)")
     p.add_argument("--seed", type=int, default=0)

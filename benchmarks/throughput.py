@@ -54,28 +54,27 @@ def parse_value(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="CPU mode: tiny shape, few steps, fp32 (presets unless given)")
     p.add_argument("--shape", choices=sorted(bc.SHAPES), default=None, help="model shape (default 0.5b; tiny with --cpu)")
-    p.add_argument("--which", default="modpo,trl", help="comma-separated sides to run: modpo, trl")
-    p.add_argument("--prompt-len", type=int, default=None, help="mean prompt tokens (+-10%%)")
-    p.add_argument("--response-len", type=int, default=None, help="mean tokens per response (+-10%%)")
-    p.add_argument("--pairs-per-step", type=int, default=None, help="preference pairs per optimizer step (default 8)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per trainer (rows = steps * pairs)")
-    p.add_argument("--warmup", type=int, default=None, help="steps left out of the timing (>= 1)")
+    p.add_argument("--which", default="modpo,trl", help="comma-separated sides to run: modpo, trl (default both)")
+    p.add_argument("--prompt-len", type=int, default=None, help="mean prompt tokens, +-10%% (default 128; 32 on CPU)")
+    p.add_argument("--response-len", type=int, default=None, help="mean tokens per response, +-10%% (default 384; 64 on CPU)")
+    p.add_argument("--pairs-per-step", type=int, default=None, help="preference pairs per optimizer step (default 8; 4 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per trainer; rows = steps * pairs (default 12; 6 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing, >= 1 (default 4; 2 on CPU)")
     p.add_argument("--max-length", type=int, default=None, help="max tokens of prompt+response (default: no truncation)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="training precision: bf16 = TrainingArguments.bf16 mixed precision (default on GPU); fp32 on CPU")
     p.add_argument("--weights-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="dtype the weights are loaded in (fp32 master weights; bf16 = pure bf16 training)")
-    p.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim, both sides (e.g. adamw_torch_fused)")
-    p.add_argument("--lr", type=float, default=1e-6, help="learning rate, both sides")
-    p.add_argument("--beta", type=float, default=0.1, help="beta, both sides")
+    p.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim, both sides (default adamw_torch; e.g. adamw_torch_fused)")
+    p.add_argument("--lr", type=float, default=1e-6, help="learning rate, both sides (default 1e-6)")
+    p.add_argument("--beta", type=float, default=0.1, help="beta, both sides (default 0.1)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing, both sides (TRL's own default is on; here off unless asked)")
     p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="TrainingArguments.torch_compile, both sides")
+                   help="TrainingArguments.torch_compile, both sides (default off)")
     p.add_argument("--modpo-chunked-logps", action=argparse.BooleanOptionalAction, default=None,
                    help="MODPOConfig.chunked_logps (default: MODPOConfig's default)")
     p.add_argument("--modpo-set", action="append", default=[], metavar="KEY=VALUE",
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 in CPU mode: OpenMP on a shared, busy machine is far slower "
                         "with 2 threads than with 1; unchanged on GPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and trainers")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and trainers (default 0)")
     p.add_argument("--model-dir", default=None, help="folder for the saved random model (reused if it holds the shape)")
     p.add_argument("--work-dir", default=None, help="folder for trainer outputs and caches (default: a temp folder)")
     p.add_argument("--label", default="", help="free-text label stored in the JSON")
@@ -176,7 +175,7 @@ def force_sequential(trainer) -> None:
 
 
 class CountingCollator:
-    """Wraps a trainer's collator and records the non-pad tokens (attention_mask sum) of every batch."""
+    """Wraps a trainer's collator and records the non-pad tokens of every batch."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -184,7 +183,10 @@ class CountingCollator:
 
     def __call__(self, features):
         batch = self.inner(features)
-        self.counts.append(int(batch["attention_mask"].sum()))
+        if "attention_mask" in batch:
+            self.counts.append(int(batch["attention_mask"].sum()))
+        else:  # modpo padding-free: sequences 0..2B-1 are real, a trailing filler (if any) is not
+            self.counts.append(int((batch["sequence_index"] < 2 * len(features)).sum()))
         return batch
 
 

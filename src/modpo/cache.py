@@ -37,8 +37,15 @@ def model_fingerprint(model: torch.nn.Module, skip: Callable[[str], bool] = lamb
             continue
         tensor = tensor.detach().contiguous().cpu()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides a tokenizer's output: vocabulary, special tokens and chat template."""
+    return stable_hash({"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+                        "special": tokenizer.special_tokens_map, "template": getattr(tokenizer, "chat_template", None),
+                        "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id})
 
 
 def columns_fingerprint(dataset, columns: list[str]) -> str:

@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
                            epilog=EPILOG.format(keys=describe(FrontConfig)),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(front)
+    recipe = sub.add_parser("recipe", help="run a recipe: a YAML list of stages (shipped: pku_safety, qa_feedback)",
+                            description="Run every stage of a recipe in order; finished stages are skipped.")
+    recipe.add_argument("name", help="a recipe YAML path, or the name of a shipped recipe")
+    recipe.add_argument("variables", nargs="*", metavar="NAME=VALUE", help="override a recipe variable (YAML value)")
+    recipe.add_argument("--only", help="comma-separated commands to run (e.g. front)")
     demo = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic task, on CPU, in about a minute",
                           description="SFT -> margin model (DPO on harmlessness) -> MODPO at several weights -> "
                                       "sampling -> exact scoring, on a synthetic helpful-vs-harmless task.")
@@ -52,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training (default: 0)")
     demo.add_argument("--beta", type=float, default=0.1, help="KL strength of DPO and MODPO (default: 0.1)")
     demo.add_argument("--overwrite", action="store_true", help="replace runs in output-dir that used other settings")
+    compare = sub.add_parser("compare", help="MODPO against DPO soups, DPO LW, Best-of-N and MORLHF on the demo task",
+                             description="Run the demo pipeline and every baseline at the same weights, score all with "
+                                         "the same exact evaluator, record compute, and write comparison.md/.json/"
+                                         ".csv/.png under OUTPUT_DIR/report. Finished work is reused on rerun.")
+    compare.add_argument("--output-dir", default="runs/compare", help="where everything goes (default: runs/compare)")
+    compare.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training (default: 0)")
+    compare.add_argument("--methods", default="modpo,soups,dpo_lw,bon,morlhf",
+                         help="comma-separated subset of modpo,soups,dpo_lw,bon,morlhf (default: all)")
     return parser
 
 
@@ -88,6 +101,30 @@ def _run(args) -> int:
         print((folder / "front.md").read_text())
         print(f"Plot: {folder / 'front.png'}   data: {folder / 'front.json'}, {folder / 'front.csv'}")
         print(f"Demo finished in {report['demo_wall_seconds']:.0f} s.")
+        return 0
+    if args.command == "recipe":
+        import yaml
+
+        from modpo.recipes import run_recipe
+
+        variables = {}
+        for item in args.variables:
+            if "=" not in item:
+                raise ModpoError(f"variable '{item}' is not of the form name=value")
+            key, raw = item.split("=", 1)
+            variables[key] = yaml.safe_load(raw)
+        for out in run_recipe(args.name, variables, args.only.split(",") if args.only else None):
+            print(f"done: {out}")
+        return 0
+    if args.command == "compare":
+        from modpo.front.compare import run_compare
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        document = run_compare(args.output_dir, seed=args.seed, methods=methods)
+        folder = Path(args.output_dir) / "report"
+        print((folder / "comparison.md").read_text())
+        print(f"Plot: {folder / 'comparison.png'}   data: {folder / 'comparison.json'}, {folder / 'comparison.csv'}")
+        print(f"Comparison finished in {document['compare_wall_seconds']:.0f} s.")
         return 0
     if args.command == "front":
         from modpo.front.sweep import run_front

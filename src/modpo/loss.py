@@ -78,13 +78,15 @@ def modpo_loss(
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing = {label_smoothing} must be in [0, 0.5)")
     batch = policy_chosen_logps.shape[0]
+    if (chosen_margins is None) != (rejected_margins is None):
+        raise ValueError("give both chosen_margins and rejected_margins, or neither")
     if chosen_margins is None:
         chosen_margins = policy_chosen_logps.new_zeros(batch, 0)
         rejected_margins = policy_chosen_logps.new_zeros(batch, 0)
-    if chosen_margins.dim() != 2 or chosen_margins.shape != rejected_margins.shape:
+    if chosen_margins.dim() != 2 or chosen_margins.shape != rejected_margins.shape or chosen_margins.shape[0] != batch:
         raise ValueError(
             f"chosen_margins {tuple(chosen_margins.shape)} and rejected_margins {tuple(rejected_margins.shape)} "
-            "must both have shape (batch, K-1)"
+            f"must both have shape (batch={batch}, K-1)"
         )
     w = validate_weights(weights, num_objectives=chosen_margins.shape[1] + 1)
 

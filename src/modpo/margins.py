@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint
+from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint, stable_hash, tokenizer_fingerprint
 from modpo.data.formats import render
 from modpo.errors import DataError
 from modpo.logps import batched_sequence_logps
@@ -77,21 +77,37 @@ class CallableMargins(MarginSource):
         self.name = name or getattr(fn, "__name__", "callable")
 
     def identity(self) -> dict:
+        """The function's code plus what it captured (closure cells, defaults), so variants never share a cache."""
         try:
             code = inspect.getsource(self.fn)
         except (OSError, TypeError):
             code = repr(self.fn)
-        return {"type": "callable", "name": self.name, "code": hashlib.sha256(code.encode()).hexdigest()}
+        captured = [repr(cell.cell_contents) for cell in (getattr(self.fn, "__closure__", None) or ())]
+        captured.append(repr(getattr(self.fn, "__defaults__", None)))
+        return {"type": "callable", "name": self.name, "code": hashlib.sha256(code.encode()).hexdigest(),
+                "captured": stable_hash(captured)}
+
+    def _numbers(self, value) -> list[float] | None:
+        values = [value] if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool) else value
+        try:
+            out = [float(v) for v in values if not isinstance(v, (str, bool))]
+        except (TypeError, ValueError):
+            return None
+        if len(out) != self.num_objectives or len(out) != len(list(values)) or not all(map(math.isfinite, out)):
+            return None
+        return out
 
     def score(self, dataset, side):
         rows = []
         for row, (prompt, response) in enumerate(zip(dataset["prompt"], dataset[side])):
             value = self.fn(prompt, response)
-            values = [value] if isinstance(value, (int, float)) else list(value)
-            if len(values) != self.num_objectives or not all(math.isfinite(float(v)) for v in values):
+            if isinstance(value, torch.Tensor):
+                value = value.reshape(-1).tolist()
+            numbers = self._numbers(value) if not isinstance(value, (str, bytes)) and value is not None else None
+            if numbers is None:
                 raise DataError("dataset", row + 1, side,
                                 f"margin function {self.name} returned {value!r}; expected {self.num_objectives} finite numbers")
-            rows.append([float(v) for v in values])
+            rows.append(numbers)
         return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), self.num_objectives)
 
 
@@ -128,7 +144,7 @@ class RewardModelMargins(MarginSource):
 
     def identity(self) -> dict:
         return {"type": "reward_model", "weights": model_fingerprint(self.model), "outputs": self.outputs,
-                "max_length": self.max_length, "tokenizer": self.tokenizer.__class__.__name__}
+                "max_length": self.max_length, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
     @torch.inference_mode()
     def score(self, dataset, side):
@@ -174,7 +190,8 @@ class ImplicitRewardMargins(MarginSource):
     def identity(self) -> dict:
         ref = model_fingerprint(self.ref_model) if self.ref_model is not None else "adapter-disabled"
         return {"type": "implicit_reward", "model": model_fingerprint(self.model), "ref": ref, "beta": self.beta,
-                "max_length": self.max_length, "append_eos": self.append_eos}
+                "max_length": self.max_length, "append_eos": self.append_eos,
+                "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
     def score(self, dataset, side):
         prompt_ids, response_ids = [], []
@@ -182,7 +199,8 @@ class ImplicitRewardMargins(MarginSource):
             prompt_text, response_text = render(p, r, self.tokenizer)
             ids_p = self.tokenizer(prompt_text, add_special_tokens=isinstance(p, str))["input_ids"]
             ids_r = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
-            ids_r = ids_r + [self.tokenizer.eos_token_id] if self.append_eos else ids_r
+            if self.append_eos and (not ids_r or ids_r[-1] != self.tokenizer.eos_token_id):
+                ids_r = ids_r + [self.tokenizer.eos_token_id]
             prompt_ids.append(ids_p[-(self.max_length - 1):])
             response_ids.append(ids_r[: max(1, self.max_length - len(prompt_ids[-1]))])
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

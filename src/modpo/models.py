@@ -115,3 +115,25 @@ def tiny_causal_lm(vocab_size: int, hidden_size: int = 64, layers: int = 2, head
         config.num_labels = num_labels
         return LlamaForSequenceClassification(config)
     return LlamaForCausalLM(config)
+
+
+def materialize(path: str, output_dir: str, dtype: str = "fp32") -> str:
+    """Save `path` (e.g. a GGUF file, which later loads slowly) as a plain safetensors folder, once."""
+    from modpo.cache import write_atomic
+
+    out = Path(output_dir)
+    if (out / "config.json").exists() and (out / ".materialized").exists():
+        return str(out)
+    tokenizer = load_tokenizer(path)
+    loaded = load_model(path, dtype=dtype)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    write_atomic(out / ".materialized", lambda tmp: tmp.write_text(path + "\n"))
+    return str(out)

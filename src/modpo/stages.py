@@ -42,8 +42,23 @@ def load_data(spec, name: str, preferences: bool = True):
     if isinstance(spec, str):
         return (load_preferences(spec) if preferences else Dataset.from_list(read_records(spec))), spec
     if isinstance(spec, dict):
-        return load_dataset_from_config(spec), str(spec.get("path", name))
+        spec = dict(spec)
+        as_chat = spec.pop("as_chat", False)
+        data = load_dataset_from_config(spec)
+        return (as_chat_messages(data) if as_chat else data), str(spec.get("path", name))
     raise ConfigError(f"{name}: expected a path or a loader mapping, got {type(spec).__name__}")
+
+
+def as_chat_messages(dataset):
+    """Text rows as one-turn chat rows (user prompt, assistant responses), for chat-tuned models."""
+    def convert(row):
+        out = {}
+        for field, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant"), ("completion", "assistant")):
+            if isinstance(row.get(field), str):
+                out[field] = [{"role": role, "content": row[field]}]
+        return out
+
+    return dataset.map(convert, desc="chat format")
 
 
 def margin_sources(specs: list[dict], tokenizer, max_length: int):

@@ -31,9 +31,16 @@ NOT_MODEL_INPUTS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_margins", 
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout: nn.Dropout modules and the functional attention dropout of transformers models."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in list(vars(config)) if config is not None else []:
+        if "dropout" in name and isinstance(getattr(config, name), float):
+            setattr(config, name, 0.0)
 
 
 def reference_fingerprint(model: torch.nn.Module) -> str:
@@ -71,7 +78,10 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
         reference.to(args.device)
         adapters_off = reference.disable_adapter() if ref_model is None and hasattr(reference, "disable_adapter") else nullcontext()
         pad_id = tokenizer.pad_token_id
-        with adapters_off:
+        # Same numerics as training: mixed precision when the trainer uses it.
+        half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        autocast = torch.autocast(args.device.type, dtype=half) if half else nullcontext()
+        with adapters_off, autocast:
             out = {side: batched_sequence_logps(reference, tokenized["prompt_ids"], tokenized[f"{side}_ids"], pad_id,
                                                 args.precompute_batch_size, desc=f"reference log-probs ({side})")
                    for side in ("chosen", "rejected")}

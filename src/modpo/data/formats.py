@@ -104,6 +104,8 @@ def tokenize_row(example: dict, tokenizer, max_length: int, row: int, file: str,
         out["prompt_ids"] = prompt_ids  # identical for both sides
         responses[side] = response_ids
     prompt_ids = out["prompt_ids"]
+    if not prompt_ids:
+        raise DataError(file, row, "prompt", "tokenizes to no tokens (the first response token could not be scored)")
     if len(prompt_ids) >= max_length:
         raise DataError(file, row, "prompt", f"{len(prompt_ids)} tokens, which leaves no room for a response within max_length={max_length}")
     room = max_length - len(prompt_ids)

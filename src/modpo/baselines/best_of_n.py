@@ -1,0 +1,85 @@
+"""Best-of-N: sample N responses from the SFT model, keep the one maximising w . r(x, y).
+
+r are the training-side rewards (`baselines.rewards.ImplicitRewards`: the per-objective DPO models' implicit
+rewards), never the evaluator. One pool of candidates serves every weight vector: each response of the
+front is the best of its own group of N candidates, so a point has as many responses as the other methods'.
+No training; the cost is at inference time: N samples and K + 1 scoring passes per response.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+
+def best_of_n_indices(rewards: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """For rewards of shape (groups, N, K), the index in 0..N-1 of each group's max of w . r (first on ties)."""
+    if rewards.dim() != 3 or rewards.shape[-1] != len(weights):
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)}: expected (groups, N, {len(weights)})")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    return torch.argmax(rewards.to(torch.float64) @ w, dim=1)
+
+
+def select_best(candidates: list[dict], rewards: torch.Tensor, n: int, weights: Sequence[float]) -> list[dict]:
+    """Candidates come in consecutive groups of `n` (same prompt); returns each group's best under w . r."""
+    if len(candidates) % n or len(candidates) != rewards.shape[0]:
+        raise ValueError(f"{len(candidates)} candidates and {rewards.shape[0]} reward rows: need groups of n = {n}")
+    best = best_of_n_indices(rewards.reshape(len(candidates) // n, n, -1), weights)
+    return [candidates[g * n + int(i)] for g, i in enumerate(best)]
+
+
+def sample_candidates(model, tokenizer, prompts: list, settings, n: int) -> tuple[list[dict], int]:
+    """`n` candidates for each of the `settings.samples_per_prompt` responses per prompt, in groups of n.
+
+    Returns (candidates, forward tokens of sampling: prompt plus generated tokens of every sequence; exact
+    when min_new_tokens == max_new_tokens, as on the demo task, an upper bound otherwise).
+    """
+    from modpo.data.formats import render
+    from modpo.front.generate import sample_responses
+
+    pool = replace(settings, samples_per_prompt=settings.samples_per_prompt * n)
+    candidates = sample_responses(model, tokenizer, prompts, pool, desc=f"best-of-{n} candidates")
+    prompt_tokens = sum(len(tokenizer(render(p, "", tokenizer)[0] if not isinstance(p, str) else p,
+                                      add_special_tokens=isinstance(p, str))["input_ids"]) for p in prompts)
+    tokens = pool.samples_per_prompt * prompt_tokens + len(candidates) * settings.max_new_tokens
+    return candidates, tokens
+
+
+def run_best_of_n(sft, rewards, prompts: list, settings, n: int, weight_vectors: Sequence[Sequence[float]],
+                  evaluators, name_of=None) -> tuple[list[dict], dict]:
+    """Points of the Best-of-N front (scored by `evaluators`) and the compute record."""
+    from modpo.front.report import summarize
+    from modpo.front.sweep import point_name
+    from modpo.models import load_model, load_tokenizer
+
+    name_of = name_of or point_name
+    started = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(str(sft))
+    model = load_model(str(sft)).to(device) if isinstance(sft, str) else sft
+    candidates, sampling_tokens = sample_candidates(model, tokenizer, prompts, settings, n)
+    sampled = time.time()
+    before = rewards.forward_tokens
+    scores = rewards.score([c["prompt"] for c in candidates], [c["response"] for c in candidates])
+    scoring_tokens = rewards.forward_tokens - before
+    scored = time.time()
+    points = []
+    for weights in weight_vectors:
+        chosen = select_best(candidates, scores, n, weights)
+        columns, malformed, objectives = [], 0, ()
+        for evaluator in evaluators:
+            s, m = evaluator.score(chosen)
+            columns.append(s)
+            malformed += m
+            objectives += tuple(evaluator.objectives)
+        points.append(summarize(name_of(list(weights)), list(weights), torch.cat(columns, dim=1), objectives, malformed,
+                                {"n_candidates": n}))
+    compute = {"wall_seconds": round(scored - started, 2), "sampling_seconds": round(sampled - started, 2),
+               "scoring_seconds": round(scored - sampled, 2), "device": device,
+               "tokens": {"forward": sampling_tokens + scoring_tokens, "backward": 0},
+               "token_detail": {"sampling_forward": sampling_tokens, "scoring_forward": scoring_tokens},
+               "n": n, "candidates": len(candidates)}
+    return points, compute

@@ -1,0 +1,289 @@
+"""Margin reward sources, checked against direct computations, and their content-keyed cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from modpo.errors import DataError
+from modpo.margins import (
+    CallableMargins,
+    ColumnMargins,
+    ImplicitRewardMargins,
+    MarginSource,
+    RewardModelMargins,
+    compute_margin_rewards,
+    length_penalty,
+)
+
+import tiny
+
+
+def column_rows(n=5, seed=0):
+    rows = tiny.rows(n, seed=seed)
+    for i, row in enumerate(rows):
+        row.update(help_c=0.5 * i, help_r=-0.25 * i, safe_c=float(i % 3), safe_r=1.0 - i)
+    return rows
+
+
+def logp_by_hand(model, prompt_ids, response_ids) -> float:
+    """log pi(response | prompt) of one unpadded sequence, from the model's logits."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(log_probs[t - 1, ids[0, t]].item() for t in range(len(prompt_ids), ids.shape[1]))
+
+
+class Counting(MarginSource):
+    """Delegates to `inner`, counting score() calls."""
+
+    def __init__(self, inner: MarginSource):
+        self.inner, self.calls = inner, 0
+        self.name, self.num_objectives = inner.name, inner.num_objectives
+        if hasattr(inner, "columns"):
+            self.columns = inner.columns
+
+    def identity(self):
+        return self.inner.identity()
+
+    def score(self, dataset, side):
+        self.calls += 1
+        return self.inner.score(dataset, side)
+
+
+# ------------------------------------------------------------------------------------------------ columns
+
+def test_column_margins():
+    rows = column_rows()
+    data = Dataset.from_list(rows)
+    source = ColumnMargins(["help_c", "safe_c"], ["help_r", "safe_r"])
+    assert source.num_objectives == 2
+    for side, columns in (("chosen", ("help_c", "safe_c")), ("rejected", ("help_r", "safe_r"))):
+        scores = source.score(data, side)
+        assert scores.shape == (len(rows), 2) and scores.dtype == torch.float32
+        assert scores.tolist() == [[r[columns[0]], r[columns[1]]] for r in rows]
+
+
+def test_column_margins_bad_input():
+    with pytest.raises(ValueError):
+        ColumnMargins(["a", "b"], ["c"])
+    with pytest.raises(ValueError):
+        ColumnMargins([], [])
+    rows = column_rows()
+    rows[3]["safe_r"] = float("nan")
+    data = Dataset.from_list(rows)
+    with pytest.raises(DataError) as error:
+        ColumnMargins(["help_c", "safe_c"], ["help_r", "safe_r"]).score(data, "rejected")
+    assert "row 4" in str(error.value) and "'safe_r'" in str(error.value)
+    with pytest.raises(DataError) as error:
+        ColumnMargins(["nope"], ["help_r"]).score(data, "chosen")
+    assert "'nope'" in str(error.value) and "not found" in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------ callables
+
+def test_length_penalty_and_callables():
+    rows = tiny.rows(6, seed=4)
+    rows.append({"prompt": [{"role": "user", "content": "p0"}], "chosen": [{"role": "assistant", "content": "a b c"}],
+                 "rejected": [{"role": "assistant", "content": "d"}]})
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows[:6]])
+    scores = CallableMargins(length_penalty).score(data, "rejected")
+    assert scores.shape == (6, 1)
+    assert scores[:, 0].tolist() == [-float(len(r["rejected"].split())) for r in rows[:6]]
+    assert length_penalty(rows[6]["prompt"], rows[6]["chosen"]) == -3.0
+
+    two = CallableMargins(lambda p, r: [len(p), -len(r)], name="two", num_objectives=2)
+    assert two.score(data, "chosen").tolist() == [[float(len(r["prompt"])), -float(len(r["chosen"]))] for r in rows[:6]]
+
+
+@pytest.mark.parametrize("returned", [[1.0, 2.0], math.nan, math.inf, []])
+def test_callable_bad_return_is_a_data_error(returned):
+    data = Dataset.from_list(tiny.rows(3))
+    with pytest.raises(DataError) as error:
+        CallableMargins(lambda p, r: returned, name="bad_fn").score(data, "chosen")
+    assert "row 1" in str(error.value) and "'chosen'" in str(error.value) and "bad_fn" in str(error.value)
+
+
+@pytest.mark.parametrize("returned", [None, "x"])
+def test_callable_non_numeric_return_is_a_data_error(returned):
+    data = Dataset.from_list(tiny.rows(3))
+    with pytest.raises(DataError):
+        CallableMargins(lambda p, r: returned, name="bad_fn").score(data, "chosen")
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    tok = tiny.tokenizer(chat=True)
+    model = tiny.model(len(tok), seed=7, num_labels=3)
+    return tiny.save(model, tok, tmp_path_factory.mktemp("rm")), model, tok
+
+
+def reward_rows():
+    rows = [{"prompt": r["prompt"], "chosen": " " + r["chosen"], "rejected": " " + r["rejected"]}
+            for r in tiny.rows(4, seed=8)]
+    rows.append({"prompt": [{"role": "user", "content": "p1 p2"}], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b c d e f"}]})
+    return rows
+
+
+def test_reward_model_by_path_equals_a_direct_forward(reward_model_dir):
+    path, model, tok = reward_model_dir
+    rows = reward_rows()
+    source = RewardModelMargins(path, outputs=[0, 2], batch_size=2)
+    assert source.num_objectives == 2
+    model.eval()
+    for side in ("chosen", "rejected"):
+        data = Dataset.from_list(rows[:4])
+        scores = source.score(data, side)
+        assert scores.shape == (4, 2)
+        for i, row in enumerate(rows[:4]):
+            with torch.no_grad():
+                logits = model(**tok(row["prompt"] + row[side], return_tensors="pt")).logits[0]
+            assert torch.allclose(scores[i], logits[[0, 2]], atol=1e-5), (i, side)
+    # A chat row is rendered with the chat template.
+    chat = rows[4]
+    text = tok.apply_chat_template(chat["prompt"] + chat["rejected"], tokenize=False)
+    with torch.no_grad():
+        expected = model(**tok(text, return_tensors="pt")).logits[0, [0, 2]]
+    assert torch.allclose(source.score(Dataset.from_list([chat]), "rejected")[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("outputs", [[3], [0, 5], [-1]])
+def test_reward_model_wrong_output_names_the_count(reward_model_dir, outputs):
+    path, _, _ = reward_model_dir
+    with pytest.raises(ValueError) as error:
+        RewardModelMargins(path, outputs=outputs)
+    assert "3 outputs" in str(error.value) and str([o for o in outputs if not 0 <= o < 3]) in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------ implicit reward
+
+def implicit_by_hand(policy, reference, tok, rows, side, beta):
+    out = []
+    for row in rows:
+        prompt_ids = tok(row["prompt"])["input_ids"]
+        response_ids = tok(row[side], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        policy_logp = logp_by_hand(policy, prompt_ids, response_ids)
+        out.append(beta * (policy_logp - logp_by_hand(reference, prompt_ids, response_ids)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_implicit_reward_with_a_reference_model():
+    tok = tiny.tokenizer()
+    reference = tiny.model(len(tok), seed=9).eval()
+    policy = tiny.perturbed(reference, seed=10, scale=0.1).eval()
+    rows = tiny.rows(5, seed=11)
+    source = ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok, beta=0.5, batch_size=2)
+    for side in ("chosen", "rejected"):
+        scores = source.score(Dataset.from_list(rows), side)
+        assert scores.shape == (5, 1)
+        expected = implicit_by_hand(policy, reference, tok, rows, side, 0.5)
+        assert expected.abs().max() > 1e-2  # policy and reference really differ
+        assert torch.allclose(scores[:, 0].double(), expected, atol=1e-4)
+
+
+def test_implicit_reward_needs_a_reference():
+    tok = tiny.tokenizer()
+    with pytest.raises(ValueError, match="ref_model"):
+        ImplicitRewardMargins(tiny.model(len(tok)), tokenizer=tok)
+
+
+def test_implicit_reward_of_a_lora_adapter_folder(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    tok = tiny.tokenizer()
+    base_dir = tiny.save(tiny.model(len(tok), seed=12), tok, tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    reference = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    peft_model.eval()
+    adapter_dir = tiny.save(peft_model, tok, tmp_path / "adapter")
+
+    source = ImplicitRewardMargins(adapter_dir, beta=0.3, batch_size=3)
+    assert hasattr(source.model, "disable_adapter") and source.ref_model is None
+    rows = tiny.rows(4, seed=14)
+    scores = source.score(Dataset.from_list(rows), "chosen")[:, 0].double()
+    expected = implicit_by_hand(peft_model, reference, tok, rows, "chosen", 0.3)
+    assert expected.abs().max() > 1e-3  # the adapter is not a no-op
+    assert torch.allclose(scores, expected, atol=1e-4)
+
+
+def test_implicit_reward_cache_key_covers_the_tokenizer(tmp_path):
+    tok_a = tiny.tokenizer(chat=True)
+    tok_b = tiny.tokenizer(chat=True)
+    tok_b.chat_template = "<system> p3 " + tiny.CHAT_TEMPLATE  # a different rendering of the same messages
+    reference = tiny.model(len(tok_a), seed=15)
+    policy = tiny.perturbed(reference, seed=16, scale=0.1)
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in tiny.rows(3, seed=17)]
+    data = Dataset.from_list(rows)
+    source_b = ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok_b, beta=1.0)
+    direct_b = source_b.score(data, "chosen")
+    source_a = ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok_a, beta=1.0)
+    compute_margin_rewards([source_a], data, tmp_path)
+    cached_b, _ = compute_margin_rewards([source_b], data, tmp_path)
+    assert torch.allclose(cached_b, direct_b, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ compute_margin_rewards
+
+def test_compute_margin_rewards_concatenates_in_order_and_caches(tmp_path):
+    rows = column_rows(6, seed=18)
+    data = Dataset.from_list(rows)
+    columns = Counting(ColumnMargins(["help_c", "safe_c"], ["help_r", "safe_r"]))
+    length = Counting(CallableMargins(length_penalty))
+    chosen, rejected = compute_margin_rewards([length, columns], data, tmp_path)
+    assert chosen.shape == rejected.shape == (6, 3)
+    for i, row in enumerate(rows):
+        assert chosen[i].tolist() == [-float(len(row["chosen"].split())), row["help_c"], row["safe_c"]]
+        assert rejected[i].tolist() == [-float(len(row["rejected"].split())), row["help_r"], row["safe_r"]]
+    assert (length.calls, columns.calls) == (2, 2)  # once per side
+
+    again = compute_margin_rewards([length, columns], data, tmp_path)
+    assert (length.calls, columns.calls) == (2, 2)  # served from the cache
+    assert torch.equal(again[0], chosen) and torch.equal(again[1], rejected)
+
+    reordered = compute_margin_rewards([columns, length], data, tmp_path)  # still cached, in the new order
+    assert torch.equal(reordered[0], chosen[:, [1, 2, 0]]) and (length.calls, columns.calls) == (2, 2)
+
+    changed_text = [dict(r) for r in rows]
+    changed_text[2]["chosen"] = changed_text[2]["chosen"] + " h h"
+    chosen_2, _ = compute_margin_rewards([length, columns], Dataset.from_list(changed_text), tmp_path)
+    assert (length.calls, columns.calls) == (4, 4)  # the data changed: both recompute
+    assert chosen_2[2, 0].item() == chosen[2, 0].item() - 2
+
+    changed_margin = [dict(r) for r in rows]
+    changed_margin[5]["safe_r"] = 42.0  # a margin column, not the text
+    _, rejected_3 = compute_margin_rewards([length, columns], Dataset.from_list(changed_margin), tmp_path)
+    assert (length.calls, columns.calls) == (4, 6)  # only the column source reads that column
+    assert rejected_3[5, 2].item() == 42.0
+
+
+def test_compute_margin_rewards_default_cache_dir(tmp_path):
+    data = Dataset.from_list(tiny.rows(3))
+    source = Counting(CallableMargins(length_penalty))
+    compute_margin_rewards([source], data)
+    compute_margin_rewards([source], data)
+    assert source.calls == 2 and len(list((tmp_path / "modpo-cache" / "margins").iterdir())) == 1
+
+
+def test_callable_cache_key_covers_closure_values(tmp_path):
+    def scaled(scale):
+        return lambda prompt, response: scale * len(response.split())
+
+    data = Dataset.from_list(tiny.rows(3, seed=19))
+    compute_margin_rewards([CallableMargins(scaled(1.0), name="scaled")], data, tmp_path)
+    chosen, _ = compute_margin_rewards([CallableMargins(scaled(10.0), name="scaled")], data, tmp_path)
+    assert chosen[:, 0].tolist() == [10.0 * len(r["chosen"].split()) for r in tiny.rows(3, seed=19)]
