@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and trainers (default 0)")
     p.add_argument("--model-dir", default=None, help="folder for the saved random model (reused if it holds the shape)")
     p.add_argument("--work-dir", default=None, help="folder for trainer outputs and caches (default: a temp folder)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the first step after warm-up with torch.profiler; print the top ops by device time")
     p.add_argument("--label", default="", help="free-text label stored in the JSON")
     p.add_argument("--out", default=None, help="JSON results file (written atomically)")
     return p
@@ -217,6 +219,36 @@ def make_timer(cuda: bool):
     return StepTimer()
 
 
+def make_profiler(cuda: bool, warmup: int, side: str):
+    """Profiles one optimizer step (the first after warm-up) and prints the ops that took the most time."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self.profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.profiler.__exit__(None, None, None)
+                key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                print(f"--- profile of one {side} step (top ops by {key})")
+                print(self.profiler.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60))
+                self.profiler = None
+
+    return StepProfiler()
+
+
 def load_policy(folder: Path, weights_dtype):
     from transformers import AutoModelForCausalLM
 
@@ -291,6 +323,8 @@ def run_side(side: str, args, folder: Path, rows, work: Path, weights_dtype, n_f
     trainer.data_collator = counter
     timer = make_timer(cuda)
     trainer.add_callback(timer)
+    if getattr(args, "profile", False):
+        trainer.add_callback(make_profiler(cuda, args.warmup, side))
     model = trainer.model
     effective = {
         "attn_implementation": model.config._attn_implementation,

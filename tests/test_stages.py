@@ -351,4 +351,5 @@ def test_train_columns_margins_from_a_plain_path(capsys, tmp_path, base, data):
     config, out, raw = stage_config(tmp_path, base, data["scored"], margins=margins, training={"weights": [0.5, 0.5]})
     train_ok(capsys, "train", config)
     record = check_record(out, "train", raw)
-    assert_logged_margin(record, 1, margin_differences(read_jsonl(data["scored"]), lambda r, side: r[f"score_{side[0]}"]))
+    rows = read_jsonl(data["scored"])
+    assert_logged_margin(record, 1, margin_differences(rows, lambda r, side: r[f"score_{side[0]}"]))

@@ -4,8 +4,9 @@ Two ways to get them, with the same result:
 
 * full: run the model, take the logits at response positions, log-softmax in fp32.
 * chunked (default where the model allows it): run the model with its LM head bypassed, then apply the
-  head to the response positions a chunk at a time, recomputing each chunk in backward. Full-vocabulary
-  fp32 logits never exist for more than one chunk, and the head never runs on prompt or pad tokens.
+  head to the response positions a chunk at a time (`_ChunkedLinearLogProb`), recomputing each chunk in
+  backward. Full-vocabulary fp32 logits never exist for more than one chunk, and the head never runs on
+  prompt or pad tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 # Chunk size is chosen so that one chunk of fp32 logits holds about this many elements (256 MiB).
 LOGITS_ELEMENTS_PER_CHUNK = 1 << 26
@@ -46,21 +46,71 @@ def _bypassed(model: torch.nn.Module, head: torch.nn.Module):
         inner.set_output_embeddings(head)
 
 
-def _token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
-    logits = F.linear(hidden, weight, bias).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick for this device, else the tensor's own."""
+    kind = tensor.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return tensor.dtype
+
+
+class _ChunkedLinearLogProb(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] per row, chunk by chunk; backward recomputes each chunk's logits.
+
+    Saves only the inputs and one fp32 log-normaliser per row: no chunk of logits outlives its loop turn.
+    Gradient of row t's output: d/dlogits = onehot(target) - softmax, scaled by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, dtype):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = F.linear(h[rows], w, b).float()
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
+        b = bias.to(ctx.dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            probs = torch.exp(F.linear(h[rows], w, b).float() - lse[rows, None])
+            probs.scatter_add_(-1, targets[rows, None], -torch.ones_like(probs[:, :1]))
+            grad_logits = probs.mul_(-grad_out[rows, None].float())  # = g * (onehot - softmax)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(ctx.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ h[rows]).float()
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None)
 
 
 def chunked_token_logps(hidden, weight, bias, targets, chunk_size: int) -> torch.Tensor:
-    """log softmax(hidden @ weight.T + bias)[targets] for rows of `hidden`, one chunk of rows at a time."""
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            pieces.append(checkpoint(_token_logps, h, weight, bias, t, use_reentrant=False))
-        else:
-            pieces.append(_token_logps(h, weight, bias, t))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    """log softmax(hidden @ weight.T + bias)[targets] for rows of `hidden`, one chunk of rows at a time.
+
+    The matmuls run in autocast's dtype when autocast is on (the weight is cast once, not per chunk);
+    log-softmax is always fp32.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    dtype = _compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLinearLogProb.apply(hidden, weight, bias, targets, chunk_size, dtype)
 
 
 def sequence_logps(

@@ -58,6 +58,10 @@ def varlen_attention(module, query, key, value, attention_mask=None, scaling=Non
     max_len = int(kwargs["max_length_q"])
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     groups = q.shape[1] // k.shape[1]
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        # RoPE in an fp32 residual stream promotes q, k to fp32; flash kernels want the autocast dtype.
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
     varlen_attn = _cuda_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
     if varlen_attn is not None:
         params = inspect.signature(varlen_attn).parameters

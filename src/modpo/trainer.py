@@ -9,6 +9,7 @@ rejected rows, and `compute_loss` scores both with one forward pass (`logps.sequ
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from contextlib import nullcontext
 
@@ -154,34 +155,37 @@ class MODPOTrainer(Trainer):
             losses = losses * inputs["loss_weight"]
         loss = losses.mean()
         tokens = (model_inputs["sequence_index"] < 2 * pairs) if "sequence_index" in model_inputs else inputs["attention_mask"]
-        tokens = int(tokens.sum())
-        self.token_counts["forward"] += tokens
-        if model.training:
-            self.token_counts["backward"] += tokens
-        if not torch.isfinite(loss):
+        values = self._metric_values(inputs, logps[:pairs], logps[pairs : 2 * pairs], chosen_rewards, rejected_rewards)
+        # One device-to-host transfer per step for the loss check, the token count and every metric.
+        numbers = torch.stack([loss.detach().float(), tokens.sum().float(), *values.values()]).tolist()
+        if not math.isfinite(numbers[0]):
             rows = (inputs["row_index"] + 1).tolist()
-            raise FloatingPointError(f"non-finite MODPO loss ({loss.item()}) at step {self.state.global_step}, "
+            raise FloatingPointError(f"non-finite MODPO loss ({numbers[0]}) at step {self.state.global_step}, "
                                      f"batch of data rows {rows}")
-        self._record(inputs, logps[:pairs], logps[pairs : 2 * pairs], chosen_rewards, rejected_rewards)
+        self.token_counts["forward"] += int(numbers[1])
+        if model.training:
+            self.token_counts["backward"] += int(numbers[1])
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for name, value in zip(values, numbers[2:]):
+            metrics[name].append(value)
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs else loss
 
+    @staticmethod
     @torch.no_grad()
-    def _record(self, inputs, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards):
-        metrics = self._metrics["train" if self.model.training else "eval"]
+    def _metric_values(inputs, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards) -> dict:
         values = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen_logps.mean(),
-            "logps/rejected": rejected_logps.mean(),
+            "logps/chosen": chosen_logps.detach().mean(),
+            "logps/rejected": rejected_logps.detach().mean(),
         }
         if "chosen_margins" in inputs:
             differences = inputs["chosen_margins"] - inputs["rejected_margins"]
             for k in range(differences.shape[1]):
                 values[f"margins/objective_{k + 1}"] = differences[:, k].mean()
-        for name, value in values.items():
-            metrics[name].append(value.item())
+        return {name: value.float() for name, value in values.items()}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

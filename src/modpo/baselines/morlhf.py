@@ -32,10 +32,10 @@ RUN_FILE = "modpo_run.json"
 class MORLHFSettings:
     """The RL budget and hyperparameters of one MORLHF run (one weight vector)."""
 
-    steps: int = 60                   # optimizer steps
+    steps: int = 40                   # optimizer steps
     prompts_per_step: int = 16        # distinct prompts per step
     generations: int = 4              # completions per prompt (RLOO's group)
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     beta: float = 0.1                 # KL coefficient: the same beta as MODPO's
     max_completion_length: int = 4
     min_new_tokens: int = 0

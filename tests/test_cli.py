@@ -1,0 +1,238 @@
+"""The `modpo` command line: --help of every subcommand, `key.path=value` overrides, the demo, and a
+subprocess smoke test of the installed entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modpo.cli import main
+from modpo.errors import ConfigError
+from modpo.run_config import FrontConfig, StageConfig, apply_overrides, load_config
+
+STAGE_COMMANDS = ("sft", "reward", "dpo", "train")
+MODPO_KEYS = ("weights", "beta", "loss_type", "label_smoothing", "max_length")
+ENTRY_POINT = Path(sys.executable).with_name("modpo")
+
+
+def help_text(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return out
+
+
+def modpo_only_fields() -> list[str]:
+    """MODPOConfig's own fields (those it adds to transformers.TrainingArguments)."""
+    from transformers import TrainingArguments
+
+    from modpo.config import MODPOConfig
+
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f.name for f in dataclasses.fields(MODPOConfig) if f.name not in inherited]
+
+
+# ----------------------------------------------------------------------------------------------- --help
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    text = help_text(capsys)
+    for command in (*STAGE_COMMANDS, "front", "demo"):
+        assert re.search(rf"^\s+{command}\s", text, re.MULTILINE), command
+
+
+@pytest.mark.parametrize("command", STAGE_COMMANDS)
+def test_stage_help_lists_every_config_key(capsys, command):
+    text = help_text(capsys, command)
+    for field in dataclasses.fields(StageConfig):
+        assert re.search(rf"^  {field.name}\s+\S", text, re.MULTILINE), f"{command} --help lacks {field.name}"
+    for option in ("--config", "--overwrite", "--resume", "KEY=VALUE"):
+        assert option in text
+    for key in MODPO_KEYS:  # the `training` key's help names the MODPO settings
+        assert key in text
+
+
+@pytest.mark.parametrize("command", ["dpo", "train"])
+def test_preference_stage_help_lists_the_modpo_keys(capsys, command):
+    text = help_text(capsys, command)
+    fields = modpo_only_fields()
+    assert set(MODPO_KEYS) <= set(fields)
+    for name in fields:
+        assert re.search(rf"^  training\.{name}\s", text, re.MULTILINE), f"{command} --help lacks training.{name}"
+
+
+def test_front_help_lists_every_config_key(capsys):
+    text = help_text(capsys, "front")
+    for field in dataclasses.fields(FrontConfig):
+        assert re.search(rf"^  {field.name}\s+\S", text, re.MULTILINE), f"front --help lacks {field.name}"
+    for option in ("--config", "--overwrite", "KEY=VALUE"):
+        assert option in text
+
+
+def test_demo_help(capsys):
+    text = help_text(capsys, "demo")
+    for option in ("--output-dir", "--weights", "--seed", "--beta", "--overwrite"):
+        assert option in text
+
+
+def test_unknown_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--learning-rate", "0.1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: modpo")
+    assert err[-1] == "modpo: error: unrecognized arguments: --learning-rate"
+
+
+# ----------------------------------------------------------------------------------------- overrides
+
+
+def test_overrides_nested_keys_and_yaml_values():
+    data = {"training": {"beta": 0.5, "seed": 1}, "lora": None}
+    apply_overrides(data, ["training.weights=[0.3, 0.7]", "training.beta=0.1", "training.lr_scheduler_type=constant"])
+    assert data == {"training": {"beta": 0.1, "seed": 1, "weights": [0.3, 0.7], "lr_scheduler_type": "constant"},
+                    "lora": None}
+    apply_overrides(data, ["a.b.c=1", "margins=[{type: length_penalty}, {type: columns, chosen: [x], rejected: [y]}]",
+                           "trust_remote_code=true", "tokenizer=null", "model='0.5'", "training.run_name=a=b",
+                           "training.report_to=[]", "num_labels=2", "dtype=bf16"])
+    assert data["a"] == {"b": {"c": 1}}
+    assert data["margins"] == [{"type": "length_penalty"}, {"type": "columns", "chosen": ["x"], "rejected": ["y"]}]
+    assert data["trust_remote_code"] is True and data["tokenizer"] is None
+    assert data["model"] == "0.5"  # quoted: a string
+    assert data["training"]["run_name"] == "a=b"  # split at the first '='
+    assert data["training"]["report_to"] == [] and data["num_labels"] == 2 and data["dtype"] == "bf16"
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="not of the form key.path=value"):
+        apply_overrides({}, ["training.beta"])
+    with pytest.raises(ConfigError, match="value is not valid YAML"):
+        apply_overrides({}, ["training.weights=[0.5, 0.5"])
+    with pytest.raises(ConfigError, match="'model' is not a mapping"):
+        apply_overrides({"model": "m"}, ["model.path=x"])
+    with pytest.raises(ConfigError, match="'lora' is not a mapping"):
+        apply_overrides({"lora": None}, ["lora.r=4"])
+
+
+def test_load_config_merges_file_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "output_dir": "runs/a", "train_data": "d.jsonl",
+                                    "training": {"beta": 0.5, "seed": 3, "weights": [1.0]}}))
+    cfg = load_config(StageConfig, str(path), ["training.weights=[0.3,0.7]", "training.beta=0.1",
+                                               "output_dir=runs/w03", "lora={r: 8, target_modules: [q_proj]}"])
+    assert cfg == StageConfig(model="m", output_dir="runs/w03", train_data="d.jsonl",
+                              lora={"r": 8, "target_modules": ["q_proj"]},
+                              training={"beta": 0.1, "seed": 3, "weights": [0.3, 0.7]})
+    # overrides alone make a config; the source named in errors is then "command line"
+    cfg = load_config(StageConfig, None, ["model=m", "output_dir=o", "train_data={loader: jsonl, path: p.jsonl}"])
+    assert cfg.train_data == {"loader": "jsonl", "path": "p.jsonl"}
+    with pytest.raises(ConfigError, match="^command line: missing required key"):
+        load_config(StageConfig, None, ["model=m"])
+
+
+def test_overrides_reach_the_stage(capsys, monkeypatch, tmp_path):
+    """Through `main`: the stage receives the file's config with the overrides applied."""
+    import modpo.stages
+
+    seen = {}
+
+    def fake_stage(cfg, resume=False, overwrite=False):
+        seen.update(cfg=cfg, resume=resume, overwrite=overwrite)
+        return Path(cfg.output_dir)
+
+    monkeypatch.setitem(modpo.stages.STAGES, "train", fake_stage)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "output_dir": str(tmp_path / "a"), "train_data": "d.jsonl",
+                                    "training": {"seed": 3}}))
+    out = tmp_path / "w03"
+    code = main(["train", "--config", str(path), "training.weights=[0.3,0.7]", "training.beta=0.1",
+                 f"output_dir={out}", "margins=[{type: length_penalty}]", "--overwrite", "--resume"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == f"saved to {out}"
+    cfg = seen["cfg"]
+    assert cfg.training == {"seed": 3, "weights": [0.3, 0.7], "beta": 0.1}
+    assert cfg.output_dir == str(out) and cfg.margins == [{"type": "length_penalty"}]
+    assert seen["resume"] is True and seen["overwrite"] is True
+
+
+def test_overrides_reach_the_front(capsys, monkeypatch, tmp_path):
+    import modpo.front.sweep
+
+    seen = {}
+
+    def fake_front(cfg, overwrite=False):
+        seen.update(cfg=cfg, overwrite=overwrite)
+        Path(cfg.output_dir).mkdir(parents=True)
+        (Path(cfg.output_dir) / "front.md").write_text("| point |\n")
+
+    monkeypatch.setattr(modpo.front.sweep, "run_front", fake_front)
+    code = main(["front", f"output_dir={tmp_path / 'f'}", "train={model: m, train_data: d.jsonl}",
+                 "train.training.beta=0.2", "weights=[[0.2, 0.8], [0.8, 0.2]]",
+                 "evaluation.evaluators=[{type: demo_exact}]", "evaluation.samples_per_prompt=4"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == "| point |"
+    cfg = seen["cfg"]
+    assert cfg.train == {"model": "m", "train_data": "d.jsonl", "training": {"beta": 0.2}}
+    assert cfg.weights == [[0.2, 0.8], [0.8, 0.2]]
+    assert cfg.evaluation == {"evaluators": [{"type": "demo_exact"}], "samples_per_prompt": 4}
+    assert seen["overwrite"] is False
+
+
+# ------------------------------------------------------------------------------------------ subprocess
+
+
+def test_entry_point_help_subprocess():
+    result = subprocess.run([str(ENTRY_POINT), "--help"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: modpo")
+    for command in (*STAGE_COMMANDS, "front", "demo"):
+        assert command in result.stdout
+
+
+def test_entry_point_error_subprocess(tmp_path):
+    """What a user sees in a terminal: exit code 2 and exactly one line on stderr, nothing on stdout."""
+    missing = tmp_path / "absent.yaml"
+    result = subprocess.run([str(ENTRY_POINT), "train", "--config", str(missing)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == f"modpo: error: config file {missing} does not exist\n"
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo(capsys, tmp_path):
+    """The built-in demo at two weights: a report with a row per point plus sft, and the trade-off."""
+    out = tmp_path / "demo"
+    started = time.monotonic()
+    code = main(["demo", "--output-dir", str(out), "--weights", "0.2,0.8"])
+    elapsed = time.monotonic() - started  # reported, never asserted
+    stdout = capsys.readouterr().out
+    assert code == 0
+    folder = out / "front"
+    assert (folder / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (folder / "front.md").read_text()
+    assert table.strip() in stdout and "Demo finished in" in stdout
+    rows = [line.split("|")[1].strip() for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| point")]
+    assert rows == ["sft", "w0.2_0.8", "w0.8_0.2"]
+    doc = json.loads((folder / "front.json").read_text())
+    points = {p["name"]: p for p in doc["points"]}
+    low, high = points["w0.2_0.8"], points["w0.8_0.2"]
+    # more weight on helpfulness: more helpful, less harmless
+    assert high["helpful"]["mean"] > low["helpful"]["mean"]
+    assert high["harmless"]["mean"] < low["harmless"]["mean"]
+    print(f"demo wall time: {elapsed:.1f} s")
