@@ -153,9 +153,6 @@ def test_bad_margin_row(capsys, tmp_path, base, line3, fragments):
     assert_fails(capsys, ["train", "--config", config], out, data, *fragments)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="data.formats.check_preference_row/tokenize_row number rows by data set index + 1, not by "
-                          "file line: after a blank line (which the loaders count) the row named is off by one")
 def test_row_numbers_count_blank_lines(capsys, tmp_path, base):
     """Loaders count JSONL lines (blank ones too); checks made after loading must name the same line."""
     data = tmp_path / "pairs.jsonl"
@@ -209,17 +206,12 @@ def sft_config(tmp_path: Path, base: str, data: str) -> tuple[str, Path]:
                                                  "training": TRAINING}), out
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="stages.run_sft does not check SFT rows (load_data(preferences=False) is read_records only): "
-                          "TRL raises AttributeError on a row without completion")
 def test_sft_row_without_completion(capsys, tmp_path, base):
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p0", "completion": "a b"}] * 2 + [{"prompt": "p1"}])
     config, out = sft_config(tmp_path, base, data)
     assert_fails(capsys, ["sft", "--config", config], out, data, "row 3", "completion")
 
 
-@pytest.mark.xfail(strict=True, raises=StopIteration,
-                   reason="stages.run_sft does not check for an empty SFT file: TRL raises a bare StopIteration")
 def test_empty_sft_file(capsys, tmp_path, base):
     data = write_jsonl(tmp_path / "sft.jsonl", [])
     config, out = sft_config(tmp_path, base, data)
@@ -274,9 +266,6 @@ def test_bad_weights(capsys, tmp_path, base, weights, fragments):
     assert_fails(capsys, ["train", "--config", config, f"training.weights={weights}"], out, *fragments)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="loss.validate_weights calls float(w) unguarded: the message is 'training: could not convert "
-                          "string to float: 'a'' and does not name weights")
 def test_weights_not_numbers(capsys, tmp_path, base):
     data = write_jsonl(tmp_path / "pairs.jsonl", with_margins(GOOD))
     config, out = train_config(tmp_path, base, data)
@@ -334,9 +323,6 @@ def test_other_bad_modpo_settings(capsys, tmp_path, base, key, value, fragment):
     assert_fails(capsys, ["train", "--config", config, f"training.{key}={value}"], out, "training: ", fragment)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="PyYAML reads 1e-3 (no dot) as the string '1e-3'; stages.trainer_args passes it on "
-                          "unchecked and torch.optim raises TypeError at the first step (traceback)")
 def test_learning_rate_in_exponent_notation(capsys, tmp_path, base):
     """`training.learning_rate=1e-3` must either train with 0.001 or fail with one line naming the key."""
     data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
@@ -397,9 +383,6 @@ def test_margin_source_missing_key(capsys, tmp_path, base):
     assert_fails(capsys, ["train", "--config", config], out, "margins[0]: missing key 'model'")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="stages.margin_sources lets RewardModelMargins' ValueError escape: bare traceback instead of "
-                          "a one-line error")
 def test_reward_model_with_the_wrong_number_of_outputs(capsys, tmp_path, base, reward_model):
     data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
     config, out = train_config(tmp_path, base, data, training={"weights": [0.5, 0.5]},
@@ -407,9 +390,6 @@ def test_reward_model_with_the_wrong_number_of_outputs(capsys, tmp_path, base, r
     assert_fails(capsys, ["train", "--config", config], out, "margins[0]", "has 1 outputs", "[5]")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="margins.compute_margin_rewards fingerprints the columns before ColumnMargins checks them: "
-                          "datasets' ValueError escapes as a traceback")
 def test_margin_column_not_in_the_data(capsys, tmp_path, base):
     data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
     config, out = train_config(tmp_path, base, data, training={"weights": [0.5, 0.5]},
@@ -455,9 +435,6 @@ def test_invalid_yaml(capsys, tmp_path):
     assert_fails(capsys, ["train", "--config", str(config)], None, str(config), "not valid YAML")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="run_config.read_yaml keeps only the first line of the YAMLError ('while parsing a flow "
-                          "sequence'), dropping where the problem is")
 def test_invalid_yaml_names_the_line(capsys, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: m\noutput_dir: [unclosed\ntrain_data: x.jsonl\n")
@@ -493,9 +470,6 @@ def test_output_dir_holding_a_different_run(capsys, tmp_path, base):
     assert sorted(p.name for p in out.iterdir()) == files
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="stages pass resume=True to Trainer.train, whose 'No valid checkpoint found' ValueError "
-                          "escapes as a traceback")
 def test_resume_without_a_checkpoint(capsys, tmp_path, base):
     data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
     config, out = train_config(tmp_path, base, data)

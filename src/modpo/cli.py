@@ -12,7 +12,7 @@ from modpo.errors import ModpoError
 
 STAGE_HELP = {
     "sft": "supervised fine-tuning (TRL SFTTrainer)",
-    "reward": "reward-model training (TRL RewardTrainer); num_labels > 1 gives a multi-objective head",
+    "reward": "reward-model training (TRL RewardTrainer), one objective per model",
     "dpo": "DPO: MODPO with one objective (weights [1.0])",
     "train": "MODPO for one weight vector: preference pairs for objective 0, margin rewards for the rest",
 }
@@ -112,7 +112,10 @@ def _run(args) -> int:
             if "=" not in item:
                 raise ModpoError(f"variable '{item}' is not of the form name=value")
             key, raw = item.split("=", 1)
-            variables[key] = yaml.safe_load(raw)
+            try:
+                variables[key] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise ModpoError(f"variable '{item}': value is not valid YAML") from None
         for out in run_recipe(args.name, variables, args.only.split(",") if args.only else None):
             print(f"done: {out}")
         return 0

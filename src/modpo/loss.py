@@ -28,7 +28,12 @@ LOSS_TYPES = ("sigmoid", "hinge")
 
 def validate_weights(weights: Sequence[float] | torch.Tensor, num_objectives: int | None = None) -> list[float]:
     """Return `weights` as a list of floats, or raise ValueError saying what is wrong with them."""
-    values = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    raw = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    values = []
+    for k, w in enumerate(raw):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ValueError(f"weights[{k}] = {w!r} is not a number")
+        values.append(float(w))
     if len(values) == 0:
         raise ValueError("weights is empty: give one weight per objective, weights[0] for the preference pairs")
     if num_objectives is not None and len(values) != num_objectives:

@@ -214,8 +214,13 @@ class ImplicitRewardMargins(MarginSource):
         return (self.beta * (policy - reference))[:, None]
 
 
-def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=None,
+                           data_name: str = "dataset") -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) margins, each (N, K-1): every source once per side, cached by content."""
+    for source in sources:
+        missing = [c for side in SIDES for c in getattr(source, "columns", {}).get(side, []) if c not in dataset.column_names]
+        if missing:
+            raise DataError(data_name, None, missing[0], f"margin column not found (columns: {', '.join(dataset.column_names)})")
     data_key = columns_fingerprint(dataset, [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
     chosen, rejected = [], []
     for source in sources:

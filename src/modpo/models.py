@@ -38,6 +38,13 @@ def _check_exists(path: str) -> None:
         raise ConfigError(f"model path {path} does not exist")
 
 
+def _refuse_remote_code(path: str, err: ValueError) -> None:
+    """transformers' refusal to run a model's own code (trust_remote_code off) as one line for the CLI."""
+    if "trust_remote_code" in str(err):
+        raise ConfigError(f"{path} needs its own Python code to load; modpo runs it only with "
+                          "trust_remote_code: true (off by default)") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -47,6 +54,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ConfigError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        _refuse_remote_code(path, err)
+        raise
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token; set one")
@@ -79,6 +89,9 @@ def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | No
                                     use_safetensors=None if gguf else True, **kwargs)
     except OSError as err:
         raise ConfigError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:
+        _refuse_remote_code(path, err)
+        raise
     if gguf:  # GGUF weights arrive dequantized; drop the marker so the model can be saved normally
         model.config.quantization_config = None
         if hasattr(model, "hf_quantizer"):

@@ -34,7 +34,8 @@ class StageConfig:
                                                               "target_modules, ...); null trains all weights."})
     dtype: str = field(default="fp32", metadata={"help": "Weights dtype when loading: fp32, bf16, fp16 or auto."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
-    num_labels: int = field(default=1, metadata={"help": "reward stage: number of reward outputs (objectives)."})
+    num_labels: int = field(default=1, metadata={"help": "reward stage: outputs of the reward head; TRL's RewardTrainer "
+                                                         "trains 1 (one reward model per objective)."})
     training: dict = field(default_factory=dict, metadata={
         "help": "Trainer arguments: MODPOConfig fields for dpo/train (weights, beta, loss_type, label_smoothing, "
                 "max_length, ...), SFTConfig/RewardConfig fields for sft/reward, plus any TrainingArguments field "
@@ -95,7 +96,10 @@ def read_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     return data or {}
 
 

@@ -87,7 +87,7 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int):
                 raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, length_penalty)")
         except KeyError as err:
             raise ConfigError(f"{where}: missing key {err}") from None
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ConfigError(f"{where}: {err}") from None
     return sources
 
@@ -101,12 +101,25 @@ def trainer_args(config_cls, cfg: StageConfig, **fixed):
     values = {"report_to": [], "save_total_limit": 2, "logging_steps": 10}
     if not torch.cuda.is_available():
         values.update(CPU_DEFAULTS)
-    values.update(cfg.training)
+    values.update({key: _as_field_type(config_cls, key, value) for key, value in cfg.training.items()})
     values.update(fixed, output_dir=cfg.output_dir)
     try:
         return config_cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"training: {err}") from None
+
+
+def _as_field_type(config_cls, key: str, value):
+    """YAML 1.1 reads `1e-3` as text: give numeric fields numbers, with a one-line error if it is not one."""
+    field = next(f for f in dataclasses.fields(config_cls) if f.name == key)
+    kind = str(field.type)
+    if not isinstance(value, str) or not any(t in kind for t in ("float", "int")) or "str" in kind:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"training.{key} = {value!r} is not a number") from None
+    return int(number) if "int" in kind and "float" not in kind and number.is_integer() else number
 
 
 def check_output_dir(cfg: StageConfig, stage: str, overwrite: bool) -> bool:
@@ -121,6 +134,37 @@ def check_output_dir(cfg: StageConfig, stage: str, overwrite: bool) -> bool:
         raise ConfigError(f"{cfg.output_dir} already holds a different {previous.get('stage', '?')} run; "
                           "choose another output_dir or pass --overwrite")
     return False
+
+
+def resume_from(cfg: StageConfig, resume: bool):
+    """What `--resume` passes to Trainer.train: the newest *complete* checkpoint in output_dir.
+
+    transformers writes a checkpoint folder in place, trainer_state.json last, so a run killed while saving
+    leaves a folder without it, which Trainer.train(resume_from_checkpoint=True) would pick and fail on (or
+    resume from half-saved state). Such folders are skipped. With no complete checkpoint, True lets
+    transformers report that there is none.
+    """
+    if not resume:
+        return None
+    complete, torn = [], []
+    for folder in Path(cfg.output_dir).glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if not (step.isdigit() and folder.is_dir()):
+            continue
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append((int(step), folder))
+        except (OSError, ValueError):
+            torn.append(folder.name)
+    if not complete:
+        raise ConfigError(f"--resume: no complete checkpoint in {cfg.output_dir} (checkpoints are written every "
+                          "save_steps when save_strategy is 'steps'); run without --resume to start over")
+    step, folder = max(complete)
+    newer = sorted(name for name in torn if int(name.removeprefix("checkpoint-")) > step)
+    if newer:
+        logger.warning("skipping incomplete checkpoint(s) %s (killed while saving); resuming from %s",
+                       ", ".join(newer), folder.name)
+    return str(folder)
 
 
 def finish(trainer, cfg: StageConfig, stage: str, started: float, extra: dict) -> Path:
@@ -144,12 +188,14 @@ def finish(trainer, cfg: StageConfig, stage: str, started: float, extra: dict) -
         **extra,
     }
     card = [f"# {out.name}", "", f"Trained with modpo, stage `{stage}`.", "",
-            f"- base model: `{cfg.model}`", f"- data: `{cfg.train_data}`", f"- seed: {args.seed}"]
+            f"- base model: `{cfg.model}`", f"- data: `{json.dumps(cfg.train_data)}`", f"- seed: {args.seed}"]
     for key in ("weights", "beta", "loss_type"):
         if key in extra:
             card.append(f"- {key}: {extra[key]}")
     if cfg.margins:
         card.append(f"- margin sources: {json.dumps(cfg.margins)}")
+    elif extra.get("margin_sources"):
+        card.append(f"- margin sources: {', '.join(extra['margin_sources'])}")
     if cfg.lora:
         card.append(f"- LoRA: {json.dumps(cfg.lora)}")
     write_atomic(out / "README.md", lambda tmp: tmp.write_text("\n".join(card) + "\n"))
@@ -188,11 +234,16 @@ def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> 
     started = time.time()
     args = trainer_args(SFTConfig, cfg)
     model, tokenizer = _load(cfg)
-    train, _ = load_data(cfg.train_data, "train_data", preferences=False)
-    evaluation, _ = load_data(cfg.eval_data, "eval_data", preferences=False)
+    from modpo.data.formats import check_sft_rows
+
+    train, train_name = load_data(cfg.train_data, "train_data", preferences=False)
+    evaluation, eval_name = load_data(cfg.eval_data, "eval_data", preferences=False)
+    check_sft_rows(train, train_name)
+    if evaluation is not None:
+        check_sft_rows(evaluation, eval_name)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=_lora(cfg, "CAUSAL_LM"))
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, "sft", started, {})
 
 
@@ -200,6 +251,9 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     """Reward-model training with TRL's RewardTrainer (Bradley-Terry on preference pairs)."""
     from trl import RewardConfig, RewardTrainer
 
+    if cfg.num_labels != 1:
+        raise ConfigError(f"num_labels = {cfg.num_labels}: TRL's RewardTrainer trains one Bradley-Terry output; train one "
+                          "reward model per objective (a multi-output model from elsewhere still works as a margin source)")
     if check_output_dir(cfg, "reward", overwrite):
         return Path(cfg.output_dir)
     started = time.time()
@@ -209,7 +263,7 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     evaluation, _ = load_data(cfg.eval_data, "eval_data")
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                             processing_class=tokenizer, peft_config=_lora(cfg, "SEQ_CLS"))
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, "reward", started, {})
 
 
@@ -234,11 +288,12 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
                            data_names=(train_name, eval_name))
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, stage, started,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
                    "token_counts": trainer.token_counts,
-                   "margin_sources": [s.describe() for s in sources]})
+                   "margin_sources": [s.describe() for s in sources] or (
+                       ["data columns chosen_margins/rejected_margins"] if len(args.weights) > 1 else [])})
 
 
 STAGES = {"sft": run_sft, "reward": run_reward,

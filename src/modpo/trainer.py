@@ -15,12 +15,13 @@ from contextlib import nullcontext
 
 import torch
 from transformers import Trainer
+from transformers.training_args import ParallelMode
 
 from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint
 from modpo.config import MODPOConfig
 from modpo.data.formats import PreferenceCollator, tokenize_preferences
 from modpo.errors import ConfigError
-from modpo.logps import batched_sequence_logps, sequence_logps
+from modpo.logps import _output_head, batched_sequence_logps, sequence_logps
 from modpo.loss import modpo_loss
 from modpo.margins import compute_margin_rewards
 
@@ -44,9 +45,40 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
+def chunked_logps_conflict(model: torch.nn.Module, zero3: bool = False, fsdp: bool = False,
+                            ddp_find_unused: bool = False) -> str | None:
+    """Why the chunked LM head cannot run in this setup, or None where it can.
+
+    The chunked head applies the LM head's weight outside the model's forward (`logps.sequence_logps`).
+    DeepSpeed ZeRO-3 and FSDP shard that weight and gather it only inside forward. DDP that searches for
+    unused parameters marks an untied head unused (its output is not reached from forward's) and then fails
+    when the head's gradient arrives. A head tied to the input embeddings is used inside forward: no conflict.
+    """
+    if zero3:
+        return "DeepSpeed ZeRO-3 shards the LM head weight and gathers it only inside the model's forward"
+    if fsdp:
+        return "FSDP shards the LM head weight and gathers it only inside the model's forward"
+    if ddp_find_unused:
+        head = _output_head(model)
+        inner = getattr(model, "module", model)
+        embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+        tied = head is not None and getattr(embeddings, "weight", None) is head.weight
+        if head is not None and head.weight.requires_grad and not tied:
+            return ("DDP with ddp_find_unused_parameters=True marks the untied LM head unused, as the chunked head "
+                    "applies it outside the model's forward")
+    return None
+
+
 def reference_fingerprint(model: torch.nn.Module) -> str:
     """Identity of the reference: the weights without any (freshly initialised) LoRA adapter."""
     return model_fingerprint(model, skip=lambda name: "lora_" in name)
+
+
+def precompute_autocast_dtype(args) -> torch.dtype | None:
+    """The autocast dtype training will use (None: none), from bf16/fp16 or accelerate's mixed_precision."""
+    if args.bf16 or args.fp16:
+        return torch.bfloat16 if args.bf16 else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "mixed_precision", None))
 
 
 def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, margin_sources, name: str):
@@ -63,24 +95,25 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
     tokenized = tokenize_preferences(dataset, tokenizer, args.max_length, file=name,
                                      num_margins=num_margins if has_columns else None, append_eos=args.append_eos)
     if margin_sources:
-        chosen, rejected = compute_margin_rewards(margin_sources, dataset, args.cache_dir)
+        chosen, rejected = compute_margin_rewards(margin_sources, dataset, args.cache_dir, data_name=name)
         if chosen.shape[1] != num_margins:
             raise ConfigError(f"margin sources give {chosen.shape[1]} objectives but weights {args.weights} "
                               f"expect {num_margins}")
         tokenized = tokenized.add_column("chosen_margins", chosen.tolist()).add_column("rejected_margins", rejected.tolist())
 
     reference = ref_model if ref_model is not None else model
+    # Same numerics as training: mixed precision when the trainer uses it, whether set by bf16/fp16 or by
+    # `accelerate launch` (its config's mixed_precision reaches args.mixed_precision, not args.bf16).
+    half = precompute_autocast_dtype(args)
     key = {"model": reference_fingerprint(reference),
            "data": columns_fingerprint(tokenized, ["prompt_ids", "chosen_ids", "rejected_ids"]),
-           "dtype": str(next(reference.parameters()).dtype)}
+           "dtype": str(next(reference.parameters()).dtype), "autocast": str(half)}
 
     def compute():
         device_before = next(reference.parameters()).device
         reference.to(args.device)
         adapters_off = reference.disable_adapter() if ref_model is None and hasattr(reference, "disable_adapter") else nullcontext()
         pad_id = tokenizer.pad_token_id
-        # Same numerics as training: mixed precision when the trainer uses it.
-        half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         autocast = torch.autocast(args.device.type, dtype=half) if half else nullcontext()
         with adapters_off, autocast:
             out = {side: batched_sequence_logps(reference, tokenized["prompt_ids"], tokenized[f"{side}_ids"], pad_id,
@@ -132,13 +165,31 @@ class MODPOTrainer(Trainer):
 
             use_padding_free(model)
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of)
+        if args.chunked_logps and args.ddp_find_unused_parameters is None:
+            # Transformers' DDP default (True without gradient checkpointing) breaks the chunked head of an
+            # untied LM head (see chunked_logps_conflict); every trainable parameter of a causal LM is used.
+            args.ddp_find_unused_parameters = False
         super().__init__(model=model, args=args, data_collator=collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
+        self._check_chunked_logps()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Compute accounting: non-pad tokens through forward (and backward) passes of the policy.
         self.token_counts = {"forward": 0, "backward": 0}
+
+    def _check_chunked_logps(self) -> None:
+        """Turn `chunked_logps` off, with a warning, where the distributed setup does not support it."""
+        if not self.args.chunked_logps:
+            return
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        zero3 = plugin is not None and (getattr(plugin, "zero_stage", None) == 3 or plugin.hf_ds_config.is_zero3())
+        ddp = self.args.parallel_mode == ParallelMode.DISTRIBUTED and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        reason = chunked_logps_conflict(self.model, zero3=zero3, fsdp=self.is_fsdp_enabled,
+                                        ddp_find_unused=ddp and bool(self.args.ddp_find_unused_parameters))
+        if reason:
+            logger.warning("chunked_logps turned off: %s; scoring with the model's full logits instead", reason)
+            self.args.chunked_logps = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: MODPOConfig = self.args
@@ -146,7 +197,10 @@ class MODPOTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         if "sequence_index" in model_inputs:  # packed: sequences 0..2B-1, then any length filler
             model_inputs.update(num_sequences=2 * pairs + 1, attention_mask=None)
-        logps = sequence_logps(model, chunked=args.chunked_logps, **model_inputs)
+        # accelerate autocasts only inside the model's forward; the chunked LM head runs after it, so autocast it
+        # too: the same numerics as the precompute, which runs entirely under autocast.
+        with self.accelerator.autocast():
+            logps = sequence_logps(model, chunked=args.chunked_logps, **model_inputs)
         losses, chosen_rewards, rejected_rewards = modpo_loss(
             logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             inputs.get("chosen_margins"), inputs.get("rejected_margins"), args.weights,
@@ -193,11 +247,24 @@ class MODPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def train(self, *args, **kwargs):
+        """transformers.Trainer.train; afterwards `token_counts` hold the sum over all processes."""
+        before = dict(self.token_counts)
+        output = super().train(*args, **kwargs)
+        if self.args.world_size > 1:  # each process counted its own share of every batch
+            local = torch.tensor([self.token_counts[k] - before[k] for k in ("forward", "backward")],
+                                 dtype=torch.int64, device=self.args.device)
+            total = self.accelerator.reduce(local, reduction="sum").tolist()
+            self.token_counts = {"forward": before["forward"] + total[0], "backward": before["backward"] + total[1]}
+        return output
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + name] = sum(values) / len(values)
+        names = [name for name, values in self._metrics[mode].items() if values]
+        means = [sum(self._metrics[mode][name]) / len(self._metrics[mode][name]) for name in names]
+        if means and self.args.world_size > 1:  # every process logs in step; average their shares of the batches
+            means = self.accelerator.reduce(torch.tensor(means, device=self.args.device), reduction="mean").tolist()
+        logs.update({prefix + name: value for name, value in zip(names, means)})
         self._metrics[mode].clear()
         super().log(logs, *args, **kwargs)

@@ -65,6 +65,27 @@ def check_preference_row(example: dict, row: int, file: str = "dataset", num_mar
                 raise DataError(file, row, field, f"non-finite value {v}")
 
 
+def check_sft_rows(dataset, file: str) -> None:
+    """SFT rows are prompt + completion (text or messages), a `messages` conversation, or `text`."""
+    if len(dataset) == 0:
+        raise DataError(file, None, None, "no rows")
+    for index, example in enumerate(dataset):
+        row = index + 1
+        if example.get("messages") is not None:
+            _check_messages(example["messages"], file, row, "messages")
+        elif example.get("text") is not None:
+            if not isinstance(example["text"], str) or not example["text"].strip():
+                raise DataError(file, row, "text", "empty or not text")
+        else:
+            for field in ("prompt", "completion"):
+                value = example.get(field)
+                if isinstance(value, list):
+                    _check_messages(value, file, row, field)
+                elif not isinstance(value, str) or not value.strip():
+                    raise DataError(file, row, field, "missing or empty; an SFT row needs prompt + completion, "
+                                                      "messages, or text")
+
+
 def render(prompt, response, tokenizer) -> tuple[str, str]:
     """(prompt text, response text) with the chat template applied when the row is conversational."""
     if isinstance(prompt, str) and isinstance(response, str):
@@ -124,8 +145,9 @@ def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "datas
     stats = TokenizeStats()
 
     def convert(example, index):
-        check_preference_row(example, index + 1, file, num_margins)
-        ids = tokenize_row(example, tokenizer, max_length, index + 1, file, stats, append_eos)
+        row = example.get("source_row") or index + 1  # the file's row number when the loader kept it
+        check_preference_row(example, row, file, num_margins)
+        ids = tokenize_row(example, tokenizer, max_length, row, file, stats, append_eos)
         return {**ids, "row_index": index}
 
     # In-process map: errors surface as DataError, not as a worker traceback.

@@ -542,6 +542,9 @@ def load_preferences(path: PathLike, columns: Mapping[str, str | Sequence[str]] 
     if columns is None:
         first = rows[0][1] if rows else {}
         mapping: dict[str, Any] = {key: key for key in (*STANDARD_FIELDS, *MARGIN_FIELDS) if key in first}
+        # Extra numeric (or boolean) columns are kept, so they can serve as margins or for analysis.
+        mapping.update({key: key for key, value in first.items() if key not in mapping
+                        and isinstance(value, (int, float, bool)) and key != "source_row"})
     elif isinstance(columns, Mapping):
         mapping = dict(columns)
     else:
@@ -557,6 +560,8 @@ def load_preferences(path: PathLike, columns: Mapping[str, str | Sequence[str]] 
             raise ConfigError(f"load_preferences: columns[{key!r}] must be a column name, got {source!r}")
     sources = {key: source for key, source in mapping.items() if isinstance(source, str)}
     records = [_check_record(_mapped_record(raw, mapping, path, row), path, row, sources) for row, raw in rows]
+    for (row, _), record in zip(rows, records):
+        record["source_row"] = row  # the file's own row number, for later error messages
     return _dataset(records, path)
 
 

@@ -12,7 +12,8 @@ backward passes):
 * bon     Best-of-N from the SFT model under w . r, r = the two DPO models' implicit rewards.
 * morlhf  RLOO (TRL) on w . r with a KL penalty (same beta), from the SFT model, same rewards.
 
-Shared prerequisites are trained once and costed separately: the SFT model (every method), the harmless
+The demo pipeline always runs first, whatever `methods` says: every baseline uses its SFT model, data and
+margin model (and reuses them when they are already there). Shared prerequisites are trained once and costed separately: the SFT model (every method), the harmless
 DPO model (MODPO's margin model; an ingredient of soups; a reward of Best-of-N and MORLHF) and the helpful
 DPO model (soups, Best-of-N, MORLHF). A method's total adds the prerequisites it uses, SFT excepted.
 
@@ -38,7 +39,7 @@ from modpo.baselines.morlhf import MORLHFSettings
 from modpo.cache import stable_hash, write_atomic
 from modpo.demo import task
 from modpo.errors import ConfigError
-from modpo.front.report import front_statistics, hypervolume, non_dominated, plot_fronts, table
+from modpo.front.report import front_statistics, non_dominated, plot_fronts, table
 
 logger = logging.getLogger(__name__)
 

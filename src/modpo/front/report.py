@@ -119,6 +119,10 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
     text = table(points, objectives, stats["non_dominated"])
     summary = (f"{text}\n\nHypervolume {stats['hypervolume']:.4f} (reference point "
                f"{', '.join(f'{r:g}' for r in reference)}; objectives maximised).\n")
+    if meta.get("evaluators"):
+        summary += f"Evaluators: {'; '.join(meta['evaluators'])}.\n"
+    if meta.get("training_margin_sources"):
+        summary += f"Training margin sources (not used for evaluation): {json.dumps(meta['training_margin_sources'])}.\n"
     write_atomic(folder / "front.md", lambda tmp: tmp.write_text(summary))
     write_atomic(folder / "front.json", lambda tmp: tmp.write_text(json.dumps(document, indent=2, default=str)))
     out = io.StringIO()

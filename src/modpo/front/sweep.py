@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import time
 from pathlib import Path
 
@@ -28,6 +29,10 @@ EVALUATION_KEYS = {"prompts", "samples_per_prompt", "max_new_tokens", "min_new_t
 
 
 def point_name(weights: list[float]) -> str:
+    """The point's folder name, made from the numbers alone (`w0.2_0.8`): no user text reaches the path."""
+    if isinstance(weights, (str, bytes)) or not all(isinstance(w, numbers.Real) and not isinstance(w, bool)
+                                                    for w in weights):
+        raise ConfigError(f"weights {weights!r}: a weight vector is a list of numbers")
     return "w" + "_".join(f"{w:g}" for w in weights)
 
 
@@ -83,6 +88,12 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
         raise ConfigError(f"evaluation: unknown key(s) {', '.join(sorted(unknown))}")
     if not cfg.weights or not all(isinstance(w, list) for w in cfg.weights):
         raise ConfigError("weights: give a list of weight vectors, e.g. [[0.2, 0.8], [0.8, 0.2]]")
+    named: dict[str, list] = {}
+    for weights in cfg.weights:  # names keep 6 significant digits: two vectors must not share a folder
+        name = point_name(weights)
+        if named.setdefault(name, weights) != weights:
+            raise ConfigError(f"weights: {named[name]} and {weights} both give the point name {name} (6 significant "
+                              "digits); make them differ more")
     out = Path(cfg.output_dir)
     evaluation = cfg.evaluation
     prompts = evaluation_prompts(evaluation.get("prompts", []))
@@ -109,6 +120,7 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
     objectives = tuple(o for o in points[0] if isinstance(points[0][o], dict) and "mean" in points[0][o])
     reference = evaluation.get("reference_point") or [min(p[o]["mean"] for p in points) for o in objectives]
     meta = {"sampling": settings.record(), "evaluators": [e.describe() for e in evaluators],
+            "training_margin_sources": cfg.train.get("margins", []) or "chosen_margins/rejected_margins columns",
             "num_prompts": len(prompts), "wall_seconds": round(time.time() - started, 2),
             "reference_point_rule": "given" if evaluation.get("reference_point") else "per-objective minimum over points"}
     return write_report(out, points, objectives, list(reference), meta, title)
