@@ -64,6 +64,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def _adapter_head_size(folder: Path) -> int | None:
+    """Outputs of a classification head saved beside a LoRA adapter (`modules_to_save: [score]`), if any."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(("score.weight", "classifier.weight")) or ".score." in key and key.endswith("weight"):
+                return f.get_slice(key).get_shape()[0]
+    return None
+
+
 def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | None = None,
                trust_remote_code: bool = False, num_labels: int | None = None):
     """A causal LM (`kind="causal_lm"`) or sequence classifier (`kind="reward"`) from a path.
@@ -81,7 +95,10 @@ def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | No
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
         cls = AutoPeftModelForCausalLM if kind == "causal_lm" else AutoPeftModelForSequenceClassification
-        return cls.from_pretrained(folder, dtype=dtype, is_trainable=False)
+        if kind == "reward" and num_labels is None:  # the base config does not know the head's size
+            num_labels = _adapter_head_size(Path(folder))
+        extra = {"num_labels": num_labels} if num_labels is not None else {}
+        return cls.from_pretrained(folder, dtype=dtype, is_trainable=False, **extra)
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     try:
