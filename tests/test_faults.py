@@ -269,9 +269,8 @@ FRONT_WEIGHTS = [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]
 SAMPLING_SEED = 11
 
 
-def test_kill_during_front_sweep_then_rerun(capsys, tmp_path):
-    """SIGKILL while the second point trains: the rerun keeps the finished first point as it is (not
-    retrained, not re-sampled), trains the rest, and writes a complete report with all three points."""
+def demo_front(tmp_path: Path, weights: list) -> tuple[str, Path]:
+    """A `modpo front` config on the demo task: tiny model, margins = exact harmlessness, 2 steps a point."""
     tok = task.tokenizer()
     model = tiny.save(tiny.model(len(tok), seed=0, hidden_size=16, max_positions=32), tok, tmp_path / "init")
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
@@ -279,7 +278,7 @@ def test_kill_during_front_sweep_then_rerun(capsys, tmp_path):
             for r in task.preference_rows(16, "helpful", seed=1)]
     out = tmp_path / "front"
     config = write_yaml(tmp_path / "front.yaml", {
-        "output_dir": str(out), "weights": FRONT_WEIGHTS,
+        "output_dir": str(out), "weights": weights,
         "train": {"model": model, "train_data": write_jsonl(tmp_path / "helpful.jsonl", rows),
                   "training": {"use_cpu": True, "report_to": [], "save_strategy": "no", "max_steps": 2,
                                "per_device_train_batch_size": 8, "disable_tqdm": True, "seed": SEED,
@@ -287,6 +286,13 @@ def test_kill_during_front_sweep_then_rerun(capsys, tmp_path):
         "evaluation": {"prompts": task.eval_prompts(4, seed=2), "samples_per_prompt": 2,
                        "max_new_tokens": task.RESPONSE_LENGTH, "min_new_tokens": task.RESPONSE_LENGTH,
                        "seed": SAMPLING_SEED, "evaluators": [{"type": "demo_exact"}], "reference_point": [0.0, 0.0]}})
+    return config, out
+
+
+def test_kill_during_front_sweep_then_rerun(capsys, tmp_path):
+    """SIGKILL while the second point trains: the rerun keeps the finished first point as it is (not
+    retrained, not re-sampled), trains the rest, and writes a complete report with all three points."""
+    config, out = demo_front(tmp_path, FRONT_WEIGHTS)
     names = [point_name(w) for w in FRONT_WEIGHTS]
     assert names == ["w0.2_0.8", "w0.5_0.5", "w0.8_0.2"]
 
@@ -322,41 +328,44 @@ def test_kill_during_front_sweep_then_rerun(capsys, tmp_path):
 POISON_AT_CALL = 3  # the third training forward pass: step index 2 (two steps completed)
 
 
-def test_non_finite_loss_stops_training_naming_step_and_rows(capsys, tmp_path, monkeypatch, base):
+def poison(model, after_calls: int, seen: dict | None = None):
+    """From its `after_calls`-th training forward pass on, the model's final norm outputs inf (x 0 = nan)."""
+    seen = seen if seen is not None else {}
+    seen["calls"], input_ids = 0, []
+
+    def hook(module, inputs, output):
+        if not module.training:  # the reference precompute runs in eval mode and stays finite
+            return output
+        seen["calls"] += 1
+        if seen["calls"] >= after_calls:
+            seen.setdefault("input_ids", input_ids[-1])
+            return output * float("inf")
+        return output
+
+    model.register_forward_pre_hook(lambda m, a, kw: input_ids.append(kw["input_ids"]), with_kwargs=True)
+    model.model.norm.register_forward_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("checkpoints", [False, True], ids=["no-checkpoints", "checkpoints"])
+def test_non_finite_loss_stops_training_naming_step_and_rows(capsys, tmp_path, monkeypatch, base, checkpoints):
     """The policy starts producing inf activations at its third training forward pass: training stops there
-    with FloatingPointError naming step 2 and exactly the data rows of that batch; the CLI prints one line,
-    exits 1 and leaves no output folder."""
+    with FloatingPointError naming step 2 and exactly the data rows of that batch; the CLI prints one line and
+    exits 1. The output folder it created is removed, unless it holds checkpoints by then: they are kept."""
     import modpo.models
 
     rows = tiny.rows(8, seed=4)
     texts = [f"{r['prompt']} {r['chosen']}" for r in rows]
     assert len(set(texts)) == len(texts)  # every row is recognisable from its chosen sequence
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    seen = {"calls": 0}
+    seen = {}
     load_model = modpo.models.load_model
-
-    def poisoned_load_model(*args, **kwargs):
-        model = load_model(*args, **kwargs)
-
-        def hook(module, inputs, output):
-            if not module.training:  # the reference precompute runs in eval mode and stays finite
-                return output
-            seen["calls"] += 1
-            if seen["calls"] >= POISON_AT_CALL:
-                seen.setdefault("input_ids", seen_input_ids[-1])
-                return output * float("inf")
-            return output
-
-        seen_input_ids = []
-        model.register_forward_pre_hook(lambda m, a, kw: seen_input_ids.append(kw["input_ids"]), with_kwargs=True)
-        model.model.norm.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(modpo.models, "load_model", poisoned_load_model)
+    monkeypatch.setattr(modpo.models, "load_model", lambda *a, **kw: poison(load_model(*a, **kw), POISON_AT_CALL, seen))
     out = tmp_path / "out"
+    saving = {"save_strategy": "steps", "save_steps": 1} if checkpoints else {"save_strategy": "no"}
     config = write_yaml(tmp_path / "c.yaml", {"model": base, "output_dir": str(out), "train_data": data, "training": {
-        "use_cpu": True, "report_to": [], "disable_tqdm": True, "save_strategy": "no", "seed": SEED, "max_steps": 4,
-        "per_device_train_batch_size": 3, "append_eos": False}})
+        "use_cpu": True, "report_to": [], "disable_tqdm": True, "seed": SEED, "max_steps": 4,
+        "per_device_train_batch_size": 3, "append_eos": False, **saving}})
     code, stdout, err = cli(capsys, "train", "--config", config)
     assert code == 1
     assert stdout == ""
@@ -374,7 +383,41 @@ def test_non_finite_loss_stops_training_naming_step_and_rows(capsys, tmp_path, m
     decoded = sorted(tok.decode(ids, skip_special_tokens=True) for ids in batch[:pairs_in_batch])
     assert sorted(texts[r - 1] for r in named) == decoded
     assert len(named) == pairs_in_batch and all(1 <= r <= len(rows) for r in named)
-    assert not out.exists(), "the failed run left its output folder behind"
+    if checkpoints:  # steps 1 and 2 were saved before step 3 failed; no final model, no run record
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+        assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    else:
+        assert not out.exists(), "the failed run left its output folder behind"
+
+
+def test_non_finite_loss_in_a_later_front_point_keeps_the_finished_points(capsys, tmp_path, monkeypatch):
+    """The second point of a new front hits a non-finite loss: exit 1, one line; the first point, trained
+    and evaluated, stays (the front folder is not removed), and the rerun trains only the second point."""
+    import modpo.stages
+
+    weights = [[0.2, 0.8], [0.8, 0.2]]
+    names = [point_name(w) for w in weights]
+    config, out = demo_front(tmp_path, weights)
+    load = modpo.stages._load
+
+    def poisoned_load(cfg, *args, **kwargs):
+        model, tokenizer = load(cfg, *args, **kwargs)
+        return (poison(model, 1) if cfg.output_dir.endswith(names[1]) else model), tokenizer
+
+    monkeypatch.setattr(modpo.stages, "_load", poisoned_load)
+    code, stdout, err = cli(capsys, "front", "--config", config)
+    assert code == 1 and "Traceback" not in err
+    assert re.fullmatch(r"modpo: error: non-finite MODPO loss \(nan\) at step 0, batch of data rows \[[\d, ]+\]",
+                        err.strip().splitlines()[-1])
+    first = out / "points" / names[0]
+    kept = {f: (first / f).stat().st_mtime_ns for f in ("modpo_run.json", "evaluation.json", "model.safetensors")}
+    assert not (out / "points" / names[1] / "modpo_run.json").exists() and not (out / "front.json").exists()
+
+    monkeypatch.setattr(modpo.stages, "_load", load)
+    code, _, err = cli(capsys, "front", "--config", config)
+    assert code == 0, err[-3000:]
+    assert {f: (first / f).stat().st_mtime_ns for f in kept} == kept
+    assert [p["name"] for p in json.loads((out / "front.json").read_text())["points"]] == names
 
 
 def test_non_finite_loss_raises_floating_point_error_from_the_trainer(tmp_path, base):

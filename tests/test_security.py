@@ -122,6 +122,26 @@ def test_every_stage_saves_safetensors_and_resume_loads_no_pickled_code(capsys, 
     check_weight_files(tmp_path / "dpo")
 
 
+def test_a_pickled_model_folder_is_refused_without_unpickling(tmp_path, monkeypatch):
+    """A folder whose weights are only `pytorch_model.bin` (a pickle) is not loaded: load_model asks for
+    safetensors, and torch.load is never called."""
+    tok = tiny.tokenizer()
+    folder = tmp_path / "pickled"
+    model = tiny.model(len(tok), seed=0)
+    model.config.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a model folder")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ConfigError, match=f"cannot load a model from {folder}"):
+        load_model(str(folder))
+    with pytest.raises(ConfigError, match=f"cannot load a model from {folder}"):
+        load_model(str(folder), kind="reward")
+
+
 # ----------------------------------------------------------------------------------------- source scan
 
 

@@ -147,7 +147,11 @@ def _run(args) -> int:
 
 
 class _clean_on_error:
-    """Remove output_dir if this command created it and then failed: no partial output is left behind."""
+    """Remove output_dir if this command created it and then failed: no partial output is left behind.
+
+    Finished work is kept: a folder that by then holds a checkpoint or a finished run (e.g. the trained
+    points of a front whose last point hit a non-finite loss) stays.
+    """
 
     def __init__(self, output_dir: str):
         self.path = Path(output_dir)
@@ -158,7 +162,8 @@ class _clean_on_error:
 
     def __exit__(self, kind, value, traceback):
         if kind is not None and not self.existed and issubclass(kind, (ModpoError, FloatingPointError)):
-            shutil.rmtree(self.path, ignore_errors=True)
+            if not any(self.path.rglob("checkpoint-*")) and not any(self.path.rglob("modpo_run.json")):
+                shutil.rmtree(self.path, ignore_errors=True)
         return False
 
 

@@ -141,8 +141,8 @@ def resume_from(cfg: StageConfig, resume: bool):
 
     transformers writes a checkpoint folder in place, trainer_state.json last, so a run killed while saving
     leaves a folder without it, which Trainer.train(resume_from_checkpoint=True) would pick and fail on (or
-    resume from half-saved state). Such folders are skipped. With no complete checkpoint, True lets
-    transformers report that there is none.
+    resume from half-saved state). Such folders are skipped. With no complete checkpoint, --resume is refused
+    (one line, ConfigError).
     """
     if not resume:
         return None

@@ -86,9 +86,15 @@ def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_name, y_name = objectives[0], objectives[1]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, points in fronts.items():
+    if len(objectives) == 1:  # one objective: a value per point, in sweep order
+        for method, points in fronts.items():
+            ax.errorbar(range(len(points)), [p[objectives[0]]["mean"] for p in points],
+                        yerr=[p[objectives[0]]["stderr"] for p in points], marker="o", capsize=2, label=method)
+            ax.set_xticks(range(len(points)), [p["name"] for p in points], rotation=30, fontsize=7)
+        objectives = ("point", objectives[0])
+    x_name, y_name = objectives[0], objectives[1]
+    for method, points in (fronts.items() if x_name != "point" else ()):
         xs = [p[x_name]["mean"] for p in points]
         ys = [p[y_name]["mean"] for p in points]
         ax.errorbar(xs, ys, xerr=[p[x_name]["stderr"] for p in points], yerr=[p[y_name]["stderr"] for p in points],
