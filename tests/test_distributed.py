@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
 TESTS = Path(__file__).resolve().parent
 
-# file -> (distributed_type, mixed_precision, num_machines, extra checks on the plugin built from launch's env)
+# file -> (distributed_type, mixed_precision, num_machines)
 EXPECTED = {
     "ddp.yaml": ("MULTI_GPU", "bf16", 1),
     "deepspeed_zero2.yaml": ("DEEPSPEED", "bf16", 1),
@@ -57,9 +57,10 @@ def untied_model(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        tie_word_embeddings=False))
 
 
 # ------------------------------------------------------------------------------------------ accelerate configs
@@ -90,7 +91,8 @@ def test_accelerate_config_loads_and_launches(name, monkeypatch):
     unknown = [key for key in [*loaded.deepspeed_config, *loaded.fsdp_config] if key not in options]
     assert not unknown, f"{name}: keys accelerate launch does not know: {unknown}"
 
-    args, defaults, _ = _validate_launch_command(parser.parse_args(["--config_file", str(path), "-m", "modpo.cli", "train"]))
+    launch = parser.parse_args(["--config_file", str(path), "-m", "modpo.cli", "train"])
+    args, defaults, _ = _validate_launch_command(launch)
     args.main_process_port = 0  # a free one: the check must not depend on what runs on this machine
     if distributed_type == "DEEPSPEED":
         args.deepspeed_fields_from_accelerate_config = ",".join([*defaults.deepspeed_config, "mixed_precision"])
@@ -253,13 +255,15 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
     base_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    base_env.pop("WORLD_SIZE", None), base_env.pop("RANK", None), base_env.pop("LOCAL_RANK", None)
+                "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        base_env.pop(key, None)
     runs = {}
     for name, batch, command in [
-        ("ddp", 2, [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
-                    "--main_process_port", str(free_port())]),
+        ("ddp", 2, [sys.executable, "-m", "accelerate.commands.launch",
+                    "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(free_port())]),
         ("single", 4, [sys.executable]),
     ]:
         out = tmp_path / name
@@ -305,7 +309,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     def curve(history, key):
         return [entry[key] for entry in history if key in entry and "train_runtime" not in entry]
 
-    for key in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "margins/objective_1"):
+    metrics = ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "margins/objective_1")
+    for key in metrics:
         expected = curve(single["log_history"], key)
         assert len(expected) == steps, key
         for rank in ranks:

@@ -282,7 +282,8 @@ def custom_row(**overrides) -> dict:
 def test_load_preferences_maps_columns(tmp_path):
     data = load_preferences(write_jsonl(tmp_path / "p.jsonl", [custom_row(), custom_row()]), MAPPING)
     assert data[0] == {"prompt": "why?", "chosen": "because", "rejected": "no",
-                       "chosen_margins": [0.5], "rejected_margins": [-1.0], "length": 7.0}
+                       "chosen_margins": [0.5], "rejected_margins": [-1.0], "length": 7.0, "source_row": 1}
+    assert data[1]["source_row"] == 2  # the file's own line number, for later error messages
 
 
 def test_load_preferences_defaults_and_messages(tmp_path):

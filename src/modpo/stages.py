@@ -170,7 +170,9 @@ def resume_from(cfg: StageConfig, resume: bool):
 def finish(trainer, cfg: StageConfig, stage: str, started: float, extra: dict) -> Path:
     """Save the model, its card and the run record (last, atomically)."""
     out = Path(cfg.output_dir)
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # collective under DeepSpeed/FSDP: every process takes part
+    if not trainer.is_world_process_zero():
+        return out
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(str(out))
     args = trainer.args

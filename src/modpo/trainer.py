@@ -184,7 +184,8 @@ class MODPOTrainer(Trainer):
             return
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
         zero3 = plugin is not None and (getattr(plugin, "zero_stage", None) == 3 or plugin.hf_ds_config.is_zero3())
-        ddp = self.args.parallel_mode == ParallelMode.DISTRIBUTED and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        ddp = (self.args.parallel_mode == ParallelMode.DISTRIBUTED
+               and not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
         reason = chunked_logps_conflict(self.model, zero3=zero3, fsdp=self.is_fsdp_enabled,
                                         ddp_find_unused=ddp and bool(self.args.ddp_find_unused_parameters))
         if reason:

@@ -114,20 +114,16 @@ def _context(out: Path, settings: CompareSettings) -> Context:
                   helpful_data=str(demo / "data" / "helpful.jsonl"), harmless_data=str(demo / "data" / "harmless.jsonl"),
                   training=json.loads((harmless / "modpo_run.json").read_text())["config"]["training"],
                   prompts=prompts, sampling=sampling, evaluators=evaluators, eval_key="")
-    ctx.eval_key = _evaluation_key(sft, prompts, sampling, evaluators)
-    stored = json.loads((sft / "evaluation.json").read_text()).get("key")
-    if stored != ctx.eval_key:
+    ctx.eval_key = stable_hash({"prompts": prompts, "sampling": sampling.record(),
+                                "evaluators": [e.describe() for e in evaluators]})
+    # The demo front's own record of its SFT evaluation: same sampling, and its samples follow these prompts.
+    stored = json.loads((sft / "evaluation.json").read_text())
+    per_prompt = sampling.samples_per_prompt
+    if stored.get("sampling") != sampling.record() or any(
+            s["prompt"] != prompts[i // per_prompt] for i, s in enumerate(stored.get("samples", []))):
         raise ConfigError(f"the evaluation settings rebuilt for the comparison differ from the demo front's "
                           f"({sft / 'evaluation.json'}); the methods would not be scored alike")
     return ctx
-
-
-def _evaluation_key(model_dir: Path, prompts, settings, evaluators) -> str:
-    """The key `front.sweep.evaluate_model` gives an evaluation (same prompts, sampling, evaluators, model)."""
-    from modpo.front.sweep import _run_hash
-
-    return stable_hash({"prompts": prompts, "settings": settings.record(), "model": str(model_dir),
-                        "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators]})
 
 
 def _helpful_dpo(ctx: Context) -> Path:
