@@ -51,6 +51,7 @@ def sample_candidates(model, tokenizer, prompts: list, settings, n: int) -> tupl
 def run_best_of_n(sft, rewards, prompts: list, settings, n: int, weight_vectors: Sequence[Sequence[float]],
                   evaluators, name_of=None) -> tuple[list[dict], dict]:
     """Points of the Best-of-N front (scored by `evaluators`) and the compute record."""
+    from modpo.front.evaluators import score_samples
     from modpo.front.report import summarize
     from modpo.front.sweep import point_name
     from modpo.models import load_model, load_tokenizer
@@ -69,13 +70,8 @@ def run_best_of_n(sft, rewards, prompts: list, settings, n: int, weight_vectors:
     points = []
     for weights in weight_vectors:
         chosen = select_best(candidates, scores, n, weights)
-        columns, malformed, objectives = [], 0, ()
-        for evaluator in evaluators:
-            s, m = evaluator.score(chosen)
-            columns.append(s)
-            malformed += m
-            objectives += tuple(evaluator.objectives)
-        points.append(summarize(name_of(list(weights)), list(weights), torch.cat(columns, dim=1), objectives, malformed,
+        columns, malformed, objectives = score_samples(evaluators, chosen)
+        points.append(summarize(name_of(list(weights)), list(weights), columns, objectives, malformed,
                                 {"n_candidates": n}))
     compute = {"wall_seconds": round(scored - started, 2), "sampling_seconds": round(sampled - started, 2),
                "scoring_seconds": round(scored - sampled, 2), "device": device,

@@ -63,6 +63,17 @@ class MarginSourceEvaluator(Evaluator):
         return self.source.score(data, "response").double(), 0
 
 
+def score_samples(evaluators: list[Evaluator], samples: list[dict]) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+    """Every evaluator on the same samples: (N, total objectives) scores, malformed count, objective names."""
+    columns, malformed, objectives = [], 0, ()
+    for evaluator in evaluators:
+        scores, bad = evaluator.score(samples)
+        columns.append(scores)
+        malformed += bad
+        objectives += tuple(evaluator.objectives)
+    return torch.cat(columns, dim=1), malformed, objectives
+
+
 def build_evaluators(specs: list[dict], tokenizer=None) -> list[Evaluator]:
     from modpo.stages import margin_sources
 

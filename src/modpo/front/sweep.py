@@ -16,7 +16,7 @@ import torch
 
 from modpo.cache import stable_hash, write_atomic
 from modpo.errors import ConfigError
-from modpo.front.evaluators import build_evaluators
+from modpo.front.evaluators import build_evaluators, score_samples
 from modpo.front.generate import SamplingSettings, sample_responses
 from modpo.front.report import summarize, write_report
 from modpo.run_config import FrontConfig, StageConfig, from_dict
@@ -61,13 +61,8 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir)).to("cuda" if torch.cuda.is_available() else "cpu")
     samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}")
-    scores, malformed, objectives = [], 0, ()
-    for evaluator in evaluators:
-        s, m = evaluator.score(samples)
-        scores.append(s)
-        malformed += m
-        objectives += tuple(evaluator.objectives)
-    point = summarize(name, weights, torch.cat(scores, dim=1), objectives, malformed,
+    scores, malformed, objectives = score_samples(evaluators, samples)
+    point = summarize(name, weights, scores, objectives, malformed,
                       {"sampling_seconds": round(time.time() - started, 2), **(extra or {})})
     write_atomic(record_file, lambda tmp: tmp.write_text(json.dumps(
         {"key": key, "point": point, "sampling": settings.record(), "samples": samples[:20]}, indent=2, default=str)))
