@@ -100,10 +100,9 @@ def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path
         ax.errorbar(xs, ys, xerr=[p[x_name]["stderr"] for p in points], yerr=[p[y_name]["stderr"] for p in points],
                     marker="o", linestyle="-" if len(fronts) > 1 else "none", capsize=2, label=method)
         if len(fronts) == 1:
-            for p, x, y in zip(points, xs, ys):
-                if p.get("weights") is not None:
-                    ax.annotate("w=" + ",".join(f"{w:g}" for w in p["weights"]), (x, y), fontsize=7,
-                                textcoords="offset points", xytext=(4, 4))
+            for p, x, y in zip(points, xs, ys):  # weight vectors, or the name of a reference model (e.g. sft)
+                label = "w=" + ",".join(f"{w:g}" for w in p["weights"]) if p.get("weights") is not None else p["name"]
+                ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel(f"{x_name} (higher is better)")
     ax.set_ylabel(f"{y_name} (higher is better)")
     ax.set_title(title)
