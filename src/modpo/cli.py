@@ -97,10 +97,7 @@ def _run(args) -> int:
         except ValueError:
             raise ModpoError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
         report = run_demo(args.output_dir, weights, seed=args.seed, beta=args.beta, overwrite=args.overwrite)
-        folder = Path(args.output_dir) / "front"
-        print((folder / "front.md").read_text())
-        print(f"Plot: {folder / 'front.png'}   data: {folder / 'front.json'}, {folder / 'front.csv'}")
-        print(f"Demo finished in {report['demo_wall_seconds']:.0f} s.")
+        _print_report(Path(args.output_dir) / "front", "front", f"Demo finished in {report['demo_wall_seconds']:.0f} s.")
         return 0
     if args.command == "recipe":
         import yaml
@@ -124,10 +121,8 @@ def _run(args) -> int:
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         document = run_compare(args.output_dir, seed=args.seed, methods=methods)
-        folder = Path(args.output_dir) / "report"
-        print((folder / "comparison.md").read_text())
-        print(f"Plot: {folder / 'comparison.png'}   data: {folder / 'comparison.json'}, {folder / 'comparison.csv'}")
-        print(f"Comparison finished in {document['compare_wall_seconds']:.0f} s.")
+        _print_report(Path(args.output_dir) / "report", "comparison",
+                      f"Comparison finished in {document['compare_wall_seconds']:.0f} s.")
         return 0
     if args.command == "front":
         from modpo.front.sweep import run_front
@@ -144,6 +139,13 @@ def _run(args) -> int:
         out = STAGES[args.command](cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"saved to {out}")
     return 0
+
+
+def _print_report(folder: Path, stem: str, footer: str) -> None:
+    """The report's table, where its plot and data files are, and a closing line."""
+    print((folder / f"{stem}.md").read_text())
+    print(f"Plot: {folder / f'{stem}.png'}   data: {folder / f'{stem}.json'}, {folder / f'{stem}.csv'}")
+    print(footer)
 
 
 class _clean_on_error:
