@@ -134,15 +134,17 @@ def test_collator_shapes_and_masks():
     pairs = len(features)
     lengths = [len(f["prompt_ids"]) + len(f[f"{side}_ids"]) for side in ("chosen", "rejected") for f in features]
     assert batch["input_ids"].shape == (2 * pairs, max(lengths))
-    assert batch["attention_mask"].shape == batch["response_mask"].shape == batch["input_ids"].shape
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
     assert batch["attention_mask"].sum(dim=1).tolist() == lengths
+    width = batch["input_ids"].shape[1]
     for row in range(2 * pairs):
         f, side = features[row % pairs], ("chosen", "rejected")[row // pairs]
         prompt, response = f["prompt_ids"], f[f"{side}_ids"]
-        marked = batch["response_mask"][row].nonzero().flatten().tolist()
-        assert marked == list(range(len(prompt), len(prompt) + len(response)))
-        assert batch["input_ids"][row, : len(prompt)].tolist() == prompt
-        assert batch["input_ids"][row, marked].tolist() == response
+        mine = batch["score_sequences"] == row
+        # response token t is scored by the hidden state of the token before it, in the same row
+        assert (batch["score_positions"][mine] - row * width).tolist() == list(range(len(prompt) - 1, len(prompt) + len(response) - 1))
+        assert batch["score_targets"][mine].tolist() == response
+        assert batch["input_ids"][row, : len(prompt) + len(response)].tolist() == prompt + response
         assert (batch["input_ids"][row, lengths[row]:] == tok.pad_token_id).all()
         assert (batch["attention_mask"][row, lengths[row]:] == 0).all()
     assert batch["ref_chosen_logps"].tolist() == [-1.0 - i for i in range(pairs)]
@@ -154,9 +156,12 @@ def test_collator_shapes_and_masks():
 
 def test_collator_without_optional_columns():
     batch = PreferenceCollator(pad_token_id=0)([{"prompt_ids": [5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2]}])
-    assert set(batch) == {"input_ids", "attention_mask", "response_mask", "row_index"}
+    assert set(batch) == {"input_ids", "attention_mask", "score_positions", "score_targets", "score_sequences",
+                          "row_index"}
     assert batch["input_ids"].tolist() == [[5, 6, 2, 0], [5, 7, 8, 2]]
-    assert batch["response_mask"].tolist() == [[0, 1, 1, 0], [0, 1, 1, 1]]
+    assert batch["score_positions"].tolist() == [0, 1, 4, 5, 6]  # flat positions: row 1 starts at 4
+    assert batch["score_targets"].tolist() == [6, 2, 7, 8, 2]
+    assert batch["score_sequences"].tolist() == [0, 0, 1, 1, 1]
     assert batch["row_index"].tolist() == [-1]
 
 

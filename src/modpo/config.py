@@ -30,6 +30,10 @@ class MODPOConfig(TrainingArguments):
                                                                "without materialising full-vocabulary fp32 logits."})
     padding_free: bool = field(default=False, metadata={"help": "Pack each batch's sequences into one row without pad "
                                                                "tokens (variable-length attention; fastest on GPU)."})
+    prefix_sharing: bool = field(default=False, metadata={"help": "Run each pair's prompt once, not twice: pack prompt, "
+                                                                 "chosen and rejected in one sequence where the rejected "
+                                                                 "response attends to the prompt but not to the chosen "
+                                                                 "one (padding-free; same log-probs)."})
     pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Round batch lengths up to a multiple of "
                                                                          "this (shape buckets for torch_compile)."})
     precompute_batch_size: int = field(default=16, metadata={"help": "Batch size of the reference/margin precompute."})

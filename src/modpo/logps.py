@@ -113,44 +113,52 @@ def chunked_token_logps(hidden, weight, bias, targets, chunk_size: int) -> torch
         return _ChunkedLinearLogProb.apply(hidden, weight, bias, targets, chunk_size, dtype)
 
 
+def scoring_from_response_mask(input_ids: torch.Tensor, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`score_*` inputs of `sequence_logps` for a padded batch, one sequence per row, from its response mask
+    (`response_mask[b, t] = 1`: input_ids[b, t] is a response token, scored given everything before it)."""
+    rows, columns = response_mask[:, 1:].nonzero(as_tuple=True)
+    return {"score_positions": rows * input_ids.shape[1] + columns, "score_targets": input_ids[rows, columns + 1],
+            "score_sequences": rows}
+
+
 def sequence_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    response_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
     chunked: bool = True,
-    position_ids: torch.Tensor | None = None,
-    sequence_index: torch.Tensor | None = None,
+    score_positions: torch.Tensor | None = None,
+    score_targets: torch.Tensor | None = None,
+    score_sequences: torch.Tensor | None = None,
     num_sequences: int | None = None,
     **model_inputs,
 ) -> torch.Tensor:
-    """Sum of log pi(token) over positions where `response_mask` is 1, per sequence: shape (S,), fp32.
+    """Sum of log pi(token) over the response tokens of each sequence: shape (num_sequences,), fp32.
 
-    `response_mask[b, t] = 1` marks input_ids[b, t] as a response token (scored given everything before it).
-    Padded batches have one sequence per row. Packed batches (`modpo.packing`) hold several sequences in a
-    row: `sequence_index[b, t]` says which, and `model_inputs` carries the variable-length attention inputs.
+    Which tokens: either `response_mask` (padded batches, one sequence per row), or the `score_*` tensors the
+    collators build for every layout (`modpo.packing.scored_tokens`): the hidden state at flat position
+    score_positions[i] predicts token score_targets[i] of sequence score_sequences[i]. `model_inputs` carries
+    position ids and the variable-length attention inputs of packed batches.
     """
-    targets_mask = response_mask[:, 1:].bool()
-    targets = input_ids[:, 1:][targets_mask]
-    if sequence_index is None:
-        sequence_index = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    if score_positions is None:
+        scoring = scoring_from_response_mask(input_ids, response_mask)
+        score_positions, score_targets, score_sequences = (scoring[k] for k in ("score_positions", "score_targets",
+                                                                                "score_sequences"))
         num_sequences = input_ids.shape[0]
-    sequence_of_token = sequence_index[:, 1:][targets_mask]
+    model_inputs.pop("sequence_index", None)  # which sequence each token belongs to: bookkeeping, not a model input
     head = _output_head(model) if chunked else None
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **model_inputs}
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
     if head is not None:
         with _bypassed(model, head):
             hidden = model(**kwargs).logits
-        hidden = hidden[:, :-1][targets_mask]
+        hidden = hidden.flatten(0, 1)[score_positions]
         chunk = max(1, LOGITS_ELEMENTS_PER_CHUNK // head.out_features)
-        token_logps = chunked_token_logps(hidden, head.weight, head.bias, targets, chunk)
+        token_logps = chunked_token_logps(hidden, head.weight, head.bias, score_targets, chunk)
     else:
-        logits = model(**kwargs).logits[:, :-1][targets_mask].float()
-        token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        logits = model(**kwargs).logits.flatten(0, 1)[score_positions].float()
+        token_logps = logits.gather(-1, score_targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     out = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
-    return out.index_add(0, sequence_of_token, token_logps)
+    return out.index_add(0, score_sequences, token_logps)
 
 
 @torch.inference_mode()

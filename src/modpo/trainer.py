@@ -27,7 +27,7 @@ from modpo.margins import compute_margin_rewards
 
 logger = logging.getLogger(__name__)
 
-# Batch entries the loss reads; everything else in a batch goes to the model.
+# Batch entries the loss reads; everything else in a batch goes to `sequence_logps` (and through it the model).
 NOT_MODEL_INPUTS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_margins", "rejected_margins", "row_index",
                     "loss_weight")
 
@@ -160,11 +160,12 @@ class MODPOTrainer(Trainer):
                 train_dataset = prepare(train_dataset, train_name or "train_dataset")
             if eval_dataset is not None:
                 eval_dataset = prepare(eval_dataset, eval_name or "eval_dataset")
-        if args.padding_free:
+        if args.padding_free or args.prefix_sharing:
             from modpo.packing import use_padding_free
 
-            use_padding_free(model)
-        collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of)
+            use_padding_free(model, prefix_sharing=args.prefix_sharing)
+        collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
+                                      args.prefix_sharing)
         if args.chunked_logps and args.ddp_find_unused_parameters is None:
             # Transformers' DDP default (True without gradient checkpointing) breaks the chunked head of an
             # untied LM head (see chunked_logps_conflict); every trainable parameter of a causal LM is used.
@@ -196,12 +197,10 @@ class MODPOTrainer(Trainer):
         args: MODPOConfig = self.args
         pairs = inputs["ref_chosen_logps"].shape[0]
         model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
-        if "sequence_index" in model_inputs:  # packed: sequences 0..2B-1, then any length filler
-            model_inputs.update(num_sequences=2 * pairs + 1, attention_mask=None)
         # accelerate autocasts only inside the model's forward; the chunked LM head runs after it, so autocast it
         # too: the same numerics as the precompute, which runs entirely under autocast.
         with self.accelerator.autocast():
-            logps = sequence_logps(model, chunked=args.chunked_logps, **model_inputs)
+            logps = sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * pairs, **model_inputs)
         losses, chosen_rewards, rejected_rewards = modpo_loss(
             logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             inputs.get("chosen_margins"), inputs.get("rejected_margins"), args.weights,
@@ -209,7 +208,8 @@ class MODPOTrainer(Trainer):
         if "loss_weight" in inputs:  # per-row weights, e.g. the DPO-LW baseline's w_k per objective's rows
             losses = losses * inputs["loss_weight"]
         loss = losses.mean()
-        tokens = (model_inputs["sequence_index"] < 2 * pairs) if "sequence_index" in model_inputs else inputs["attention_mask"]
+        # Tokens the model ran on: packed sequences 0..2B-1 (not the length filler), else the attention mask.
+        tokens = (inputs["sequence_index"] < 2 * pairs) if "sequence_index" in inputs else inputs["attention_mask"]
         values = self._metric_values(inputs, logps[:pairs], logps[pairs : 2 * pairs], chosen_rewards, rejected_rewards)
         # One device-to-host transfer per step for the loss check, the token count and every metric.
         numbers = torch.stack([loss.detach().float(), tokens.sum().float(), *values.values()]).tolist()

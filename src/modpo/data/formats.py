@@ -169,24 +169,30 @@ def pad(sequences: Sequence[Sequence[int]], value: int, multiple_of: int | None 
 
 
 def concatenated_inputs(prompt_ids, chosen_ids, rejected_ids, pad_token_id: int, padding_free: bool = False,
-                        pad_to_multiple_of: int | None = None) -> dict:
+                        pad_to_multiple_of: int | None = None, prefix_sharing: bool = False) -> dict:
     """Model inputs scoring all chosen responses (sequences 0..B-1) then all rejected ones (B..2B-1).
 
     Padded: one right-padded row per sequence. Padding-free: all sequences in one row (`modpo.packing`).
-    `pad_to_multiple_of` rounds the length up, so compiled kernels see few distinct shapes.
+    Prefix sharing: one row in which each prompt appears once (`modpo.packing.pack_shared_prompt`).
+    `pad_to_multiple_of` rounds the length up, so compiled kernels see few distinct shapes. Every layout
+    also says which hidden state scores which response token (`score_*`, see `modpo.packing.scored_tokens`).
     """
+    from modpo.packing import pack, pack_shared_prompt, scored_tokens
+
+    if prefix_sharing:
+        return pack_shared_prompt(prompt_ids, chosen_ids, rejected_ids, pad_token_id, pad_to_multiple_of)
     prompts = list(prompt_ids) * 2
     responses = list(chosen_ids) + list(rejected_ids)
-    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
     if padding_free:
-        from modpo.packing import pack
-
-        return pack(sequences, masks, pad_token_id, pad_to_multiple_of)
+        return pack(prompts, responses, pad_token_id, pad_to_multiple_of)
+    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    input_ids = pad(sequences, pad_token_id, pad_to_multiple_of)
+    width = input_ids.shape[1]
     return {
-        "input_ids": pad(sequences, pad_token_id, pad_to_multiple_of),
+        "input_ids": input_ids,
         "attention_mask": pad([[1] * len(s) for s in sequences], 0, pad_to_multiple_of),
-        "response_mask": pad(masks, 0, pad_to_multiple_of),
+        **scored_tokens([(b * width + len(p) - 1, b * width + len(p), r)
+                         for b, (p, r) in enumerate(zip(prompts, responses))]),
     }
 
 
@@ -197,6 +203,7 @@ class PreferenceCollator:
     pad_token_id: int
     padding_free: bool = False
     pad_to_multiple_of: int | None = None
+    prefix_sharing: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = concatenated_inputs(
@@ -206,6 +213,7 @@ class PreferenceCollator:
             self.pad_token_id,
             self.padding_free,
             self.pad_to_multiple_of,
+            self.prefix_sharing,
         )
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in features[0]:

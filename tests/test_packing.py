@@ -1,0 +1,139 @@
+"""Batch layouts: padded, padding-free and prefix sharing score every response identically.
+
+Each layout is checked against per-sequence forward passes (no padding, no packing), in value and in gradient,
+for a Llama and a Qwen2 (grouped-query attention, biased projections), and through MODPOTrainer end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+
+from modpo import MODPOConfig, MODPOTrainer
+from modpo.data.formats import concatenated_inputs
+from modpo.logps import sequence_logps
+from modpo.packing import pack_shared_prompt, use_padding_free
+
+import tiny
+
+PROMPTS = [[1, 4, 5], [1, 6], [1, 7, 4, 5, 6], [1, 5]]
+CHOSEN = [[8, 9, 10, 2], [11, 2], [12, 13, 2], [14, 15, 8, 9, 10, 11, 2]]
+REJECTED = [[9, 2], [12, 13, 14, 15, 2], [8, 2], [10, 2]]
+LAYOUTS = {
+    "padded": {},
+    "padding_free": {"padding_free": True},
+    "padding_free_bucketed": {"padding_free": True, "pad_to_multiple_of": 16},
+    "prefix_sharing": {"prefix_sharing": True},
+    "prefix_sharing_bucketed": {"prefix_sharing": True, "pad_to_multiple_of": 16},
+}
+ROW_WEIGHTS = torch.tensor([1.0, -0.5, 2.0, 0.25, 0.5, -1.0, 1.5, -0.25])  # distinct weight per sequence
+
+
+def qwen2(vocab_size: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(config).float()
+
+
+MODELS = {"llama": lambda vocab: tiny.model(vocab, seed=1, layers=2), "qwen2": qwen2}
+
+
+def per_sequence(model) -> torch.Tensor:
+    """log pi(response | prompt) from one unpadded forward pass per sequence, fp64 log-softmax."""
+    out = []
+    for p, r in zip(PROMPTS * 2, CHOSEN + REJECTED):
+        ids = torch.tensor([p + r])
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        out.append(sum(log_probs[len(p) - 1 + j, token] for j, token in enumerate(r)))
+    return torch.stack(out).float()
+
+
+def scored(model, layout: dict, chunked: bool):
+    """Values and parameter gradients of the weighted sum of sequence log-probs under one batch layout."""
+    model = copy.deepcopy(model)
+    if layout.get("padding_free") or layout.get("prefix_sharing"):
+        use_padding_free(model, prefix_sharing=layout.get("prefix_sharing", False))
+    batch = concatenated_inputs(PROMPTS, CHOSEN, REJECTED, pad_token_id=0, **layout)
+    values = sequence_logps(model, chunked=chunked, num_sequences=8, **batch)
+    (values * ROW_WEIGHTS).sum().backward()
+    return values.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request):
+    return MODELS[request.param](32)
+
+
+def test_every_layout_matches_per_sequence_forward_passes(model):
+    expected = per_sequence(model)
+    (expected * ROW_WEIGHTS).sum().backward()
+    expected = expected.detach()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for name, layout in LAYOUTS.items():
+        for chunked in (True, False):
+            values, grads = scored(model, layout, chunked)
+            assert torch.allclose(values, expected, atol=1e-5), (name, chunked, values, expected)
+            assert grads.keys() == expected_grads.keys()
+            for param, grad in grads.items():
+                assert torch.allclose(grad, expected_grads[param], atol=1e-5, rtol=1e-4), (name, chunked, param)
+
+
+def test_prefix_sharing_runs_each_prompt_once():
+    batch = concatenated_inputs(PROMPTS, CHOSEN, REJECTED, pad_token_id=0, prefix_sharing=True)
+    padded = concatenated_inputs(PROMPTS, CHOSEN, REJECTED, pad_token_id=0, padding_free=True)
+    prompt_tokens = sum(len(p) for p in PROMPTS)
+    assert batch["input_ids"].shape[1] == padded["input_ids"].shape[1] - prompt_tokens
+    assert batch["sequence_index"].shape == batch["input_ids"].shape
+
+
+def test_shared_prompt_layout_by_hand():
+    batch = pack_shared_prompt([[5, 6]], [[7, 8]], [[9, 10, 11]], pad_token_id=0, pad_to_multiple_of=8)
+    # [p p c c filler | r r r]; the filler rounds 7 tokens up to 8
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 0, 9, 10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 2, 3, 4]]
+    assert batch["sequence_index"].tolist() == [[0, 0, 0, 0, 2, 1, 1, 1]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 4, 5] and batch["rejected_offset"] == 5
+    assert batch["rejected_key_index"].tolist() == [0, 1, 5, 6, 7]  # its prompt, then itself
+    assert batch["rejected_cu_seq_lens_q"].tolist() == [0, 3] and batch["rejected_cu_seq_lens_k"].tolist() == [0, 5]
+    # chosen 7 is predicted at position 1 (last prompt token), 8 at 2; rejected 9 at 1, 10 at 5, 11 at 6
+    assert batch["score_positions"].tolist() == [1, 2, 1, 5, 6]
+    assert batch["score_targets"].tolist() == [7, 8, 9, 10, 11]
+    assert batch["score_sequences"].tolist() == [0, 0, 1, 1, 1]
+
+
+def preference_rows():
+    return Dataset.from_list(tiny.rows(12, seed=4, num_margins=1, max_words=5))
+
+
+@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
+def test_trainer_loss_curve_matches_padded_batches(tmp_path, layout):
+    tok = tiny.tokenizer()
+    base = tiny.model(len(tok), seed=2, layers=2)
+
+    def losses(**settings):
+        config = MODPOConfig(output_dir=str(tmp_path / layout), weights=[0.7, 0.3], per_device_train_batch_size=4,
+                             max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, cache_dir=str(tmp_path / "cache"), **settings)
+        trainer = MODPOTrainer(copy.deepcopy(base), args=config, train_dataset=preference_rows(), processing_class=tok)
+        trainer.train()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        return [h["loss"] for h in history], trainer.token_counts["forward"]
+
+    padded, padded_tokens = losses()
+    packed, packed_tokens = losses(**{layout: True})
+    assert len(packed) == 3
+    assert packed == pytest.approx(padded, abs=1e-5)
+    if layout == "prefix_sharing":  # the prompt ran once per pair instead of twice
+        data = preference_rows()
+        prompt_tokens = sum(len(tok(row["prompt"])["input_ids"]) for row in data)
+        assert packed_tokens == padded_tokens - prompt_tokens
+    else:
+        assert packed_tokens == padded_tokens
