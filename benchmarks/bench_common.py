@@ -19,6 +19,9 @@ SHAPES: dict[str, dict] = {
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768),
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768),
+    # CPU speed comparisons: Qwen2.5's layout (GQA 2:1, biased q/k/v, tied head) at a size 2 cores can train
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=1024, vocab_size=16384, tie_word_embeddings=True, max_position_embeddings=4096),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=4096),
 }

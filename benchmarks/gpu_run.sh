@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-GPU benchmark run: modpo vs TRL at the 0.5b and 1.5b shapes, then modpo lever on/off rows at 0.5b, then the
-# reference-log-prob precompute. About 5-7 minutes on an H100.
+# One-GPU benchmark run: the layout check, then modpo (as configured, padding-free, prefix sharing) vs TRL at the 0.5b
+# and 1.5b shapes, then modpo lever on/off rows at 0.5b, then the reference-log-prob precompute. About 8-10 minutes
+# on an H100 (RUN_TIMEOUT bounds each run).
 #
 #   bash benchmarks/gpu_run.sh OUTDIR            # OUTDIR defaults to $OUT, else /tmp/modpo-bench-results
 #
@@ -73,17 +74,23 @@ run() {  # run NAME SHAPE [throughput args...]
   echo "--- $name exit ${PIPESTATUS[0]}"
 }
 
-# modpo (default levers) vs TRL
-run 05b "$S05"
+# Do padded, padding-free and prefix-sharing batches give the same log-probs and gradients on this device?
+echo "=== layout_check [t=$((SECONDS - START))s]"
+timeout "$RUN_TIMEOUT" "$PY" benchmarks/layout_check.py ${CPU[@]+--device cpu} 2>&1 | grep -v -E "Warning: |warnings.warn"
+echo "--- layout_check exit ${PIPESTATUS[0]}"
+
+# modpo (default levers, padding-free, prefix sharing) vs TRL, all in one run per shape
+VARIANTS=(--modpo-variant padding_free:padding_free=true --modpo-variant prefix_sharing:prefix_sharing=true)
+run 05b "$S05" "${VARIANTS[@]}"
 for kv in ${EXTRA_MODPO_SETS:-}; do
   run "lever_set_${kv%%=*}" "$S05" --which modpo --modpo-set "$kv"
 done
-[ "${SKIP_15B:-0}" = 1 ] || run 15b "$S15"
+[ "${SKIP_15B:-0}" = 1 ] || run 15b "$S15" "${VARIANTS[@]}"
 
 # modpo lever on/off rows at 0.5b (compare each with the modpo row of 05b)
 if [ "${SKIP_LEVERS:-0}" != 1 ]; then
   run lever_nochunk "$S05" --which modpo --no-modpo-chunked-logps
-  run lever_unfused "$S05" --which modpo --optim adamw_torch
+  run lever_fused "$S05" --which modpo --optim adamw_torch_fused
   run lever_gradckpt "$S05" --which modpo --gradient-checkpointing
   [ "$SMOKE" = 1 ] || run lever_compile "$S05" --which modpo --torch-compile  # compiling on CPU takes minutes
 fi

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 
 
-def levers(cfg: dict, settings: dict) -> str:
+def levers(cfg: dict, settings: dict, overrides: dict | None = None) -> str:
     parts = [cfg.get("dtype", "?"), f"optim={settings.get('optim', cfg.get('optim'))}"]
     if "chunked_logps" in settings:
         parts.append(f"chunked={settings['chunked_logps']}")
@@ -24,7 +24,7 @@ def levers(cfg: dict, settings: dict) -> str:
         parts.append("grad-ckpt")
     if cfg.get("torch_compile"):
         parts.append("compile")
-    for key, value in (cfg.get("modpo_overrides") or {}).items():
+    for key, value in (overrides if overrides is not None else cfg.get("modpo_overrides") or {}).items():
         if key != "chunked_logps":
             parts.append(f"{key}={value}")
     return " ".join(parts)
@@ -39,14 +39,15 @@ def throughput_rows(name: str, report: dict) -> list[str]:
             rows.append(f"| {run} | {cfg['shape']} | {side} | error: {r['error'].strip().splitlines()[-1][:60]} | | | | | |")
             continue
         mem = r["peak_mem_bytes"] / 2**30 if cfg.get("device") == "cuda" else None
-        rows.append(f"| {run} | {cfg['shape']} | {side} | {levers(cfg, r.get('settings', {}))} | "
+        overrides = {} if side == "trl" else r.get("modpo_overrides")
+        rows.append(f"| {run} | {cfg['shape']} | {side} | {levers(cfg, r.get('settings', {}), overrides)} | "
                     f"{r['median_step_s']:.4f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
                     f"{bc.fmt(mem, '.2f')} | {r['init_s']:.1f} |")
-    ratios = report.get("ratios") or {}
-    if ratios:
-        rows.append(f"| {report.get('label') or name} | {cfg['shape']} | **modpo/trl** | | "
-                    f"{bc.fmt(ratios.get('median_step_s'))} | {bc.fmt(ratios.get('tokens_per_s'))} | "
-                    f"{bc.fmt(ratios.get('mfu'))} | {bc.fmt(ratios.get('peak_mem'))} | |")
+    for side, ratios in {"modpo": report.get("ratios"), **report.get("variant_ratios", {})}.items():
+        if ratios:
+            rows.append(f"| {report.get('label') or name} | {cfg['shape']} | **{side}/trl** | | "
+                        f"{bc.fmt(ratios.get('median_step_s'))} | {bc.fmt(ratios.get('tokens_per_s'))} | "
+                        f"{bc.fmt(ratios.get('mfu'))} | {bc.fmt(ratios.get('peak_mem'))} | |")
     return rows
 
 

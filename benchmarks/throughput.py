@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MODPOConfig.chunked_logps (default: MODPOConfig's default)")
     p.add_argument("--modpo-set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any MODPOConfig field (repeatable), e.g. --modpo-set padding_free=true")
+    p.add_argument("--modpo-variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="one more modpo side in the same run, named modpo[NAME], with these MODPOConfig fields on top "
+                        "of --modpo-set (repeatable), e.g. --modpo-variant shared:prefix_sharing=true; each gets its "
+                        "own ratios to TRL")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak FLOP/s for MFU, in TFLOP/s (default {GPU_PEAK_TFLOPS:g} on GPU = H100 bf16 dense; "
                         f"nominal {CPU_NOMINAL_TFLOPS:g} on CPU)")
@@ -123,6 +127,18 @@ def resolve_args(args: argparse.Namespace, cuda: bool) -> argparse.Namespace:
         args.modpo_overrides[key.strip()] = parse_value(value.strip())
     if args.modpo_chunked_logps is not None:
         args.modpo_overrides.setdefault("chunked_logps", args.modpo_chunked_logps)
+    args.variants = {"modpo": dict(args.modpo_overrides)} if "modpo" in args.sides else {}
+    for item in args.modpo_variant:
+        name, sep, settings = item.partition(":")
+        pairs = [part.partition("=") for part in settings.split(",") if part.strip()]
+        if not sep or not name.strip() or not pairs or any(not eq for _, eq, _ in pairs):
+            raise SystemExit(f"--modpo-variant wants NAME:KEY=VALUE[,KEY=VALUE], got {item!r}")
+        side = f"modpo[{name.strip()}]"
+        if side in args.variants:
+            raise SystemExit(f"--modpo-variant: {name.strip()!r} given twice")
+        args.variants[side] = {**args.modpo_overrides, **{k.strip(): parse_value(v.strip()) for k, _, v in pairs}}
+    # modpo sides first, in the order given, then TRL
+    args.sides = list(args.variants) + [s for s in args.sides if s != "modpo"]
     return args
 
 
@@ -177,18 +193,27 @@ def force_sequential(trainer) -> None:
 
 
 class CountingCollator:
-    """Wraps a trainer's collator and records the non-pad tokens of every batch."""
+    """Wraps a trainer's collator and records, per batch, the non-pad tokens of its chosen + rejected sequences
+    (`counts`) and the tokens the model actually runs on (`computed`: fewer with prefix sharing, where each
+    prompt runs once)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.counts: list[int] = []
+        self.computed: list[int] = []
 
     def __call__(self, features):
         batch = self.inner(features)
         if "attention_mask" in batch:
-            self.counts.append(int(batch["attention_mask"].sum()))
-        else:  # modpo padding-free: sequences 0..2B-1 are real, a trailing filler (if any) is not
-            self.counts.append(int((batch["sequence_index"] < 2 * len(features)).sum()))
+            computed = int(batch["attention_mask"].sum())
+        else:  # modpo packed: sequences 0..2B-1 are real, a trailing filler (if any) is not
+            computed = int((batch["sequence_index"] < 2 * len(features)).sum())
+        if "prompt_ids" in features[0]:  # modpo's features: count the sequences whatever the layout
+            self.counts.append(sum(2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
+                                   for f in features))
+        else:
+            self.counts.append(computed)
+        self.computed.append(computed)
         return batch
 
 
@@ -255,31 +280,31 @@ def load_policy(folder: Path, weights_dtype):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=weights_dtype, attn_implementation="sdpa")
 
 
-def build_modpo(args, folder, rows, work: Path, weights_dtype):
+def build_modpo(args, folder, rows, work: Path, weights_dtype, overrides: dict):
     from datasets import Dataset
 
     from modpo import MODPOConfig, MODPOTrainer
     from modpo.models import load_tokenizer
 
     field_names = {f.name for f in dataclasses.fields(MODPOConfig)}
-    unknown = sorted(set(args.modpo_overrides) - field_names)
+    unknown = sorted(set(overrides) - field_names)
     if unknown:
-        raise ValueError(f"--modpo-set: MODPOConfig has no field(s) {unknown}")
+        raise ValueError(f"--modpo-set/--modpo-variant: MODPOConfig has no field(s) {unknown}")
     kwargs = common_training_kwargs(args, work / "modpo-out")
     kwargs.update(weights=MODPO_WEIGHTS, loss_type="sigmoid", precompute_batch_size=2 * args.pairs_per_step,
                   cache_dir=str(work / "modpo-cache"))
-    kwargs.update(args.modpo_overrides)
+    kwargs.update(overrides)
     config = MODPOConfig(**kwargs)
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
     bc.check_tokenizer(tokenizer, rows)
     model = load_policy(folder, weights_dtype)
     dataset = Dataset.from_list(rows)
     trainer = MODPOTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    settings = {name: getattr(config, name) for name in ("chunked_logps", "weights", *sorted(args.modpo_overrides))}
+    settings = {name: getattr(config, name) for name in ("chunked_logps", "weights", *sorted(overrides))}
     return trainer, settings
 
 
-def build_trl(args, folder, rows, work: Path, weights_dtype):
+def build_trl(args, folder, rows, work: Path, weights_dtype, overrides=None):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -315,8 +340,9 @@ def run_side(side: str, args, folder: Path, rows, work: Path, weights_dtype, n_f
     if cuda:
         torch.cuda.empty_cache()
     start = time.perf_counter()
-    builder = build_modpo if side == "modpo" else build_trl
-    trainer, settings = builder(args, folder, rows, work / side, weights_dtype)
+    builder = build_trl if side == "trl" else build_modpo
+    trainer, settings = builder(args, folder, rows, work / side.replace("[", "-").rstrip("]"), weights_dtype,
+                                args.variants.get(side))
     init_s = time.perf_counter() - start
     force_sequential(trainer)
     counter = CountingCollator(trainer.data_collator)
@@ -367,6 +393,7 @@ def run_side(side: str, args, folder: Path, rows, work: Path, weights_dtype, n_f
         "step_times_s": times,
         "median_step_s": median_s,
         "tokens_per_step": counts,
+        "tokens_computed_per_step": counter.computed[: len(times)],
         "tokens_per_step_timed_mean": tokens_step,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_mean": sum(timed_counts) / sum(timed),
@@ -377,6 +404,7 @@ def run_side(side: str, args, folder: Path, rows, work: Path, weights_dtype, n_f
         "tokens_match_expected": counts == expected,
         "train_loss": getattr(output, "training_loss", None),
         "settings": effective,
+        **({"modpo_overrides": args.variants[side]} if side in args.variants else {}),
     }
     del trainer, model, output
     gc.collect()
@@ -410,10 +438,11 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {side} | {r['tokens_per_step_timed_mean']:.0f} | {r['median_step_s']:.4f} | "
                      f"{r['tokens_per_s']:.1f} | {100 * r['mfu']:.2f}% | {r['peak_mem_bytes'] / 2**20:.0f} | "
                      f"{r['init_s']:.1f} |")
-    rt = report["ratios"]
-    if rt:
-        lines.append(f"| modpo/trl | | {bc.fmt(rt.get('median_step_s'))} | {bc.fmt(rt.get('tokens_per_s'))} | "
-                     f"{bc.fmt(rt.get('mfu'))} | {bc.fmt(rt.get('peak_mem'))} | |")
+    all_ratios = {"modpo": report["ratios"], **report.get("variant_ratios", {})}
+    for side, rt in all_ratios.items():
+        if rt:
+            lines.append(f"| {side}/trl | | {bc.fmt(rt.get('median_step_s'))} | {bc.fmt(rt.get('tokens_per_s'))} | "
+                         f"{bc.fmt(rt.get('mfu'))} | {bc.fmt(rt.get('peak_mem'))} | |")
     return "\n".join(lines)
 
 
@@ -443,7 +472,7 @@ def _run(args, argv) -> dict:
     with tempfile.TemporaryDirectory(prefix="modpo-bench-") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp) / "work"
         folder = Path(args.model_dir) if args.model_dir else Path(tmp) / "model"
-        save_dtype = torch.float32 if args.shape == "tiny" else torch.bfloat16
+        save_dtype = torch.float32 if args.shape in ("tiny", "small") else torch.bfloat16
         start = time.perf_counter()
         bc.build_model_dir(args.shape, folder, seed=args.seed, save_dtype=save_dtype,
                            device="cuda" if args.on_gpu else "cpu")
@@ -487,9 +516,12 @@ def _run(args, argv) -> dict:
                 if args.on_gpu:
                     torch.cuda.empty_cache()
     res = report["results"]
-    if all(s in res and "error" not in res[s] for s in SIDES):
-        m, t = res["modpo"], res["trl"]
-        report["ratios"] = {
+    t = res.get("trl")
+    for side in args.variants:
+        m = res.get(side)
+        if t is None or m is None or "error" in t or "error" in m:
+            continue
+        ratios = {
             "tokens_per_s": ratio(m["tokens_per_s"], t["tokens_per_s"]),
             "tokens_per_s_mean": ratio(m["tokens_per_s_mean"], t["tokens_per_s_mean"]),
             "mfu": ratio(m["mfu"], t["mfu"]),
@@ -497,6 +529,10 @@ def _run(args, argv) -> dict:
             # process-wide cumulative RSS on CPU says nothing about one side: no ratio there
             "peak_mem": ratio(m["peak_mem_bytes"], t["peak_mem_bytes"]) if args.on_gpu else None,
         }
+        if side == "modpo":
+            report["ratios"] = ratios
+        else:
+            report.setdefault("variant_ratios", {})[side] = ratios
     report["ok"] = all("error" not in r for r in res.values())
     print(markdown_table(report))
     if args.out:

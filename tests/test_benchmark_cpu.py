@@ -113,3 +113,28 @@ def test_modpo_set_values_and_bad_options():
         throughput.main(["--cpu", "--which", "modpo,nope"])
     with pytest.raises(SystemExit):
         throughput.main(["--cpu", "--modpo-set", "no_equals_sign"])
+    with pytest.raises(SystemExit):
+        throughput.main(["--cpu", "--modpo-variant", "no_colon=true"])
+
+
+def test_prefix_sharing_counts_sequence_tokens_but_runs_each_prompt_once(tmp_path):
+    throughput = load("throughput")
+    bench_common = load("bench_common")
+    out = tmp_path / "shared.json"
+    throughput.main(["--cpu", "--steps", "2", "--warmup", "1", "--which", "modpo,trl",
+                     "--modpo-variant", "shared:prefix_sharing=true", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert list(written["results"]) == ["modpo", "modpo[shared]", "trl"]
+    assert written["results"]["modpo"]["settings"].get("prefix_sharing") is None  # the variant's setting stays its own
+    ratios = written["variant_ratios"]["modpo[shared]"]
+    variant, trl = written["results"]["modpo[shared]"], written["results"]["trl"]
+    assert ratios["tokens_per_s"] == pytest.approx(variant["tokens_per_s"] / trl["tokens_per_s"])
+    cfg, result = written["config"], variant
+    assert result["settings"]["prefix_sharing"] is True
+    pairs = cfg["pairs_per_step"]
+    rows = bench_common.synthetic_pairs(cfg["steps"] * pairs, cfg["prompt_len"], cfg["response_len"],
+                                        cfg["vocab_size"], seed=cfg["seed"])
+    steps = [rows[i : i + pairs] for i in range(0, len(rows), pairs)]
+    assert result["tokens_per_step"] == [recount(step) for step in steps]  # tokens/s means the same as for TRL
+    prompts = [sum(len(r["prompt"].split()) for r in step) for step in steps]
+    assert result["tokens_computed_per_step"] == [recount(step) - p for step, p in zip(steps, prompts)]

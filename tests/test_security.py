@@ -365,7 +365,11 @@ def test_front_writes_only_inside_its_output_folder(capsys, tmp_path, monkeypatc
     cache = tmp_path / "modpo-cache"
     outside = sorted(str(p) for p in created
                      if not (p.is_relative_to(out) or out.is_relative_to(p) or p.is_relative_to(cache)))
-    assert outside == [str(extra / "evaluation.json")]
+    assert outside == []  # the extra model's evaluation is kept in the front's folder, not the model's
+    from modpo.front.sweep import extra_model_record
+
+    record = json.loads(extra_model_record(out, extra).read_text())
+    assert record["model"] == str(extra)
     assert out.parent.exists() and sorted(p.name for p in out.parent.iterdir()) == ["front"]
     assert list(cwd.iterdir()) == []
     report = json.loads((out / "front.json").read_text())

@@ -12,10 +12,14 @@ Models already on flash-attention implementations keep their own kernels for pla
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 VARLEN = "modpo_varlen"
 NATIVE_VARLEN = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/flash-attn3")
@@ -122,35 +126,61 @@ def _cuda_varlen():
     return varlen_attn
 
 
-def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
-    """Causal attention over packed segments: (T_q, H, D) queries, (T_k, H_kv, D) keys/values -> (T_q, H, D).
-
-    Segment i holds queries cu_q[i]:cu_q[i+1] and keys cu_k[i]:cu_k[i+1]. Where a segment has fewer queries
-    than keys, the queries are its last positions (bottom-right causal alignment, as in flash attention):
-    query j attends to keys 0 .. j + (keys - queries).
-    """
+def _flash_varlen(varlen_attn, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
-    varlen_attn = _cuda_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if varlen_attn is not None:
-        params = inspect.signature(varlen_attn).parameters
-        extra = {"scale": scale}
-        if "is_causal" in params:
-            extra["is_causal"] = True
-        else:
-            extra["window_size"] = (-1, 0)
-        if groups > 1 and "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        elif groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+    params = inspect.signature(varlen_attn).parameters
+    extra = {"scale": scale}
+    if "is_causal" in params:
+        extra["is_causal"] = True
+    else:
+        extra["window_size"] = (-1, 0)
+    if groups > 1 and "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+
+
+def _sdpa_varlen(q, k, v, cu_q, cu_k, scale: float | None) -> torch.Tensor:
     pieces = []
     for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
         qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
         n_q, n_k = q1 - q0, k1 - k0
         mask = None if n_q == n_k else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         pieces.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                                     enable_gqa=groups > 1)[0].transpose(0, 1))
+                                                     enable_gqa=q.shape[1] != k.shape[1])[0].transpose(0, 1))
     return torch.cat(pieces)
+
+
+@functools.cache
+def _flash_aligns_bottom_right(device: torch.device, dtype: torch.dtype) -> bool:
+    """Does the flash kernel align causal masks bottom-right when a segment has fewer queries than keys?
+    Checked once per device and dtype on a small random case, against SDPA with the explicit mask."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 2, 64, generator=generator).to(device, dtype) for n in (3, 7, 7))
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=device) for n in (3, 7))
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        flash = _flash_varlen(_cuda_varlen(), q, k, v, cu_q, cu_k, 3, 7, None).float()
+        expected = _sdpa_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, None)
+    aligned = torch.allclose(flash, expected, atol=3e-2)
+    if not aligned:
+        logger.warning("the variable-length flash kernel does not align causal masks bottom-right; prefix sharing "
+                       "falls back to per-sequence SDPA (correct, slower)")
+    return aligned
+
+
+def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
+    """Causal attention over packed segments: (T_q, H, D) queries, (T_k, H_kv, D) keys/values -> (T_q, H, D).
+
+    Segment i holds queries cu_q[i]:cu_q[i+1] and keys cu_k[i]:cu_k[i+1]. Where a segment has fewer queries
+    than keys, the queries are its last positions (bottom-right causal alignment, as in flash attention):
+    query j attends to keys 0 .. j + (keys - queries). PyTorch's variable-length flash attention on CUDA
+    in half precision; per-segment SDPA elsewhere.
+    """
+    varlen_attn = _cuda_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if varlen_attn is not None and (cu_q is cu_k or _flash_aligns_bottom_right(q.device, q.dtype)):
+        return _flash_varlen(varlen_attn, q, k, v, cu_q, cu_k, max_q, max_k, scale)
+    return _sdpa_varlen(q, k, v, cu_q, cu_k, scale)
 
 
 def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):

@@ -117,12 +117,15 @@ def _context(out: Path, settings: CompareSettings) -> Context:
     ctx.eval_key = stable_hash({"prompts": prompts, "sampling": sampling.record(),
                                 "evaluators": [e.describe() for e in evaluators]})
     # The demo front's own record of its SFT evaluation: same sampling, and its samples follow these prompts.
-    stored = json.loads((sft / "evaluation.json").read_text())
+    from modpo.front.sweep import extra_model_record
+
+    sft_record = extra_model_record(demo / "front", sft)
+    stored = json.loads(sft_record.read_text())
     per_prompt = sampling.samples_per_prompt
     if stored.get("sampling") != sampling.record() or any(
             s["prompt"] != prompts[i // per_prompt] for i, s in enumerate(stored.get("samples", []))):
         raise ConfigError(f"the evaluation settings rebuilt for the comparison differ from the demo front's "
-                          f"({sft / 'evaluation.json'}); the methods would not be scored alike")
+                          f"({sft_record}); the methods would not be scored alike")
     return ctx
 
 

@@ -45,14 +45,22 @@ def evaluation_prompts(spec) -> list:
     return list(data["prompt"])
 
 
+def extra_model_record(front_dir: Path, model: str | Path) -> Path:
+    """Where a front keeps the evaluation of an extra (not trained here) model: inside the front's own folder,
+    under a name made from a hash of the model's path, so no text from the config becomes a path."""
+    where = Path(model).resolve() if Path(model).exists() else model  # a local folder however it was spelled
+    return Path(front_dir) / "extra_models" / f"{stable_hash({'model': str(where)})[:16]}.json"
+
+
 def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: SamplingSettings, evaluators,
-                   extra: dict | None = None) -> dict:
-    """Sample `model_dir` on `prompts` and score; reuses `model_dir/evaluation.json` if it matches."""
+                   extra: dict | None = None, record_file: Path | None = None) -> dict:
+    """Sample `model_dir` on `prompts` and score; reuses the record (default `model_dir/evaluation.json`) if it
+    matches the prompts, sampling settings, evaluators and the model's run."""
     from modpo.models import load_model, load_tokenizer
 
     key = stable_hash({"prompts": prompts, "settings": settings.record(), "model": str(model_dir),
                        "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators]})
-    record_file = model_dir / EVAL_FILE
+    record_file = record_file or model_dir / EVAL_FILE
     if record_file.exists():
         record = json.loads(record_file.read_text())
         if record.get("key") == key:
@@ -65,7 +73,8 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     point = summarize(name, weights, scores, objectives, malformed,
                       {"sampling_seconds": round(time.time() - started, 2), **(extra or {})})
     write_atomic(record_file, lambda tmp: tmp.write_text(json.dumps(
-        {"key": key, "point": point, "sampling": settings.record(), "samples": samples[:20]}, indent=2, default=str)))
+        {"key": key, "model": str(model_dir), "point": point, "sampling": settings.record(), "samples": samples[:20]},
+        indent=2, default=str)))
     return point
 
 
@@ -99,7 +108,8 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
     evaluators = build_evaluators(evaluation.get("evaluators", []))
     points, started = [], time.time()
     for name, model_dir in (evaluation.get("extra_models") or {}).items():
-        points.append(evaluate_model(Path(model_dir), name, None, prompts, settings, evaluators))
+        points.append(evaluate_model(Path(model_dir), name, None, prompts, settings, evaluators,
+                                     record_file=extra_model_record(out, model_dir)))
     for weights in cfg.weights:
         name = point_name(weights)
         train = dict(cfg.train)
