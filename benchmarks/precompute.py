@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Reference log-prob precompute speed: modpo.logps.batched_sequence_logps (inference mode, longest first).
+"""Reference log-prob precompute speed: modpo.logps.batched_sequence_logps (inference mode, longest first), and
+batched_pair_logps (prefix sharing: each prompt once).
 
 Times what MODPOTrainer runs once before training (chosen and rejected responses of every row, through the
 reference model) on the same synthetic rows and random-weight Qwen2 as `throughput.py`, and reports non-pad
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response-len", type=int, default=None, help="mean response tokens (default 384; 64 on CPU)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward = MODPOConfig.precompute_batch_size (default 16)")
     p.add_argument("--modes", default=None, help="comma-separated: bf16, fp32, fp32-autocast (default: all on GPU, fp32 on CPU)")
+    p.add_argument("--layouts", default="padded,prefix_sharing",
+                   help="comma-separated: padded (batched_sequence_logps per side), prefix_sharing (batched_pair_logps: "
+                        "each prompt once); default both")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the data per mode, median reported (default 3)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU in TFLOP/s (989 on GPU; nominal 1 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 in CPU mode)")
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
         if getattr(args, key) is None:
             setattr(args, key, gpu if on_gpu else cpu)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.layout_list = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not args.layout_list or set(args.layout_list) - {"padded", "prefix_sharing"}:
+        raise SystemExit(f"--layouts takes padded, prefix_sharing; got {args.layouts!r}")
     if not modes or set(modes) - {"bf16", "fp32", "fp32-autocast"}:
         raise SystemExit(f"--modes takes bf16, fp32, fp32-autocast; got {args.modes!r}")
     threads_before = torch.get_num_threads()
@@ -97,13 +104,13 @@ def _run(args, modes, on_gpu) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from modpo.logps import batched_sequence_logps
+    from modpo.logps import batched_pair_logps, batched_sequence_logps
     from modpo.models import load_tokenizer
 
     device = torch.device("cuda" if on_gpu else "cpu")
     with tempfile.TemporaryDirectory(prefix="modpo-precompute-") as tmp:
         folder = Path(args.model_dir) if args.model_dir else Path(tmp) / "model"
-        save_dtype = torch.float32 if args.shape == "tiny" else torch.bfloat16
+        save_dtype = torch.float32 if args.shape in ("tiny", "small") else torch.bfloat16
         bc.build_model_dir(args.shape, folder, seed=args.seed, save_dtype=save_dtype, device=device.type)
         tokenizer = load_tokenizer(str(folder / "tokenizer"))
         config = bc.qwen2_config(args.shape)
@@ -130,39 +137,45 @@ def _run(args, modes, on_gpu) -> dict:
             autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mode == "fp32-autocast"
                         else contextlib.nullcontext())
 
-            def one_pass():
+            def one_pass(layout, limit=None):
+                ps, cs, rs = (x[:limit] for x in (prompts, chosen, rejected))
                 with autocast:
-                    for responses in (chosen, rejected):
-                        batched_sequence_logps(model, prompts, responses, pad_id, args.batch_size)
+                    if layout == "prefix_sharing":
+                        batched_pair_logps(model, ps, cs, rs, pad_id, args.batch_size)
+                    else:
+                        for responses in (cs, rs):
+                            batched_sequence_logps(model, ps, responses, pad_id, args.batch_size)
 
-            with autocast:  # warm-up: the longest batch (CUDA context, kernels, allocator)
-                batched_sequence_logps(model, prompts[: args.batch_size], chosen[: args.batch_size], pad_id,
-                                       args.batch_size)
-            times = []
-            for _ in range(args.repeats):
+            for layout in args.layout_list:
+                one_pass(layout, limit=args.batch_size)  # warm-up: CUDA context, kernels, allocator
+                times = []
+                for _ in range(args.repeats):
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    one_pass(layout)
+                    if on_gpu:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                median = statistics.median(times)
+                tps = tokens / median
+                name = mode if layout == "padded" else f"{mode}+{layout}"
+                report["results"][name] = {
+                    "layout": layout, "pass_times_s": times, "median_pass_s": median, "tokens_per_s": tps,
+                    "forward_mfu": tps * 2 * n / (args.peak_tflops * 1e12),
+                    "peak_mem_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+                }
                 if on_gpu:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                one_pass()
-                if on_gpu:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            median = statistics.median(times)
-            tps = tokens / median
-            report["results"][mode] = {
-                "pass_times_s": times, "median_pass_s": median, "tokens_per_s": tps,
-                "forward_mfu": tps * 2 * n / (args.peak_tflops * 1e12),
-                "peak_mem_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-            }
+                    torch.cuda.reset_peak_memory_stats()
             del model
             if on_gpu:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-
     cfg = report["config"]
     print(f"reference-log-prob precompute, shape {cfg['shape']} (N={cfg['n_flops_params'] / 1e6:.1f}M for 2N), "
           f"{cfg['pairs']} pairs x 2 sequences, batch {cfg['batch_size']}, {tokens} tokens "
           f"({100 * tokens / padded:.1f}% of padded), device {cfg['device']}, peak {cfg['peak_tflops']:g} TFLOP/s\n")
+    print("tokens/s counts every sequence's tokens (the prompt twice per pair) in both layouts\n")
     print("| mode | median pass (s) | tokens/s | forward MFU (2N) |")
     print("|---|---:|---:|---:|")
     for mode, r in report["results"].items():

@@ -138,3 +138,16 @@ def test_prefix_sharing_counts_sequence_tokens_but_runs_each_prompt_once(tmp_pat
     assert result["tokens_per_step"] == [recount(step) for step in steps]  # tokens/s means the same as for TRL
     prompts = [sum(len(r["prompt"].split()) for r in step) for step in steps]
     assert result["tokens_computed_per_step"] == [recount(step) - p for step, p in zip(steps, prompts)]
+
+
+def test_precompute_benchmark_times_both_layouts(tmp_path):
+    precompute = load("precompute")
+    out = tmp_path / "pre.json"
+    precompute.main(["--cpu", "--pairs", "6", "--repeats", "1", "--batch-size", "4", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert set(written["results"]) == {"fp32", "fp32+prefix_sharing"}
+    cfg = written["config"]
+    for result in written["results"].values():
+        assert result["median_pass_s"] == pytest.approx(statistics.median(result["pass_times_s"]))
+        assert result["tokens_per_s"] == pytest.approx(cfg["tokens"] / result["median_pass_s"])
+        assert result["forward_mfu"] == pytest.approx(result["tokens_per_s"] * 2 * cfg["n_flops_params"] / 1e12)

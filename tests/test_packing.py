@@ -137,3 +137,14 @@ def test_trainer_loss_curve_matches_padded_batches(tmp_path, layout):
         assert packed_tokens == padded_tokens - prompt_tokens
     else:
         assert packed_tokens == padded_tokens
+
+
+def test_pair_precompute_with_prefix_sharing_matches_per_side_precompute(model):
+    from modpo.logps import batched_pair_logps, batched_sequence_logps
+
+    attention_before = model.config._attn_implementation
+    for batch_size in (2, 3, 16):  # 1 pair, 1 pair (odd size), all pairs per forward
+        chosen, rejected = batched_pair_logps(model, PROMPTS, CHOSEN, REJECTED, pad_token_id=0, batch_size=batch_size)
+        assert torch.allclose(chosen, batched_sequence_logps(model, PROMPTS, CHOSEN, 0, batch_size), atol=1e-5)
+        assert torch.allclose(rejected, batched_sequence_logps(model, PROMPTS, REJECTED, 0, batch_size), atol=1e-5)
+    assert model.config._attn_implementation == attention_before  # switched for the precompute only

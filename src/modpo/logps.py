@@ -187,3 +187,33 @@ def batched_sequence_logps(model, prompt_ids: list, response_ids: list, pad_toke
         out[rows] = sequence_logps(model, input_ids, attention_mask, response_mask).float().cpu()
     model.train(was_training)
     return out
+
+
+@torch.inference_mode()
+def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_token_id: int,
+                       batch_size: int = 16, desc: str = "log-probs") -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(chosen | prompt), log pi(rejected | prompt)) for many pairs with prefix sharing: each prompt runs once
+    (`modpo.packing.pack_shared_prompt`), `batch_size` sequences (batch_size // 2 pairs) per forward, longest first.
+    Same values as two `batched_sequence_logps` calls, in fewer token passes. Shapes (N,), fp32, CPU."""
+    from tqdm.auto import tqdm
+
+    from modpo.data.formats import concatenated_inputs
+    from modpo.packing import packed_attention
+
+    device = next(model.parameters()).device
+    pairs_per_batch = max(1, batch_size // 2)
+    length = lambda i: len(prompt_ids[i]) + len(chosen_ids[i]) + len(rejected_ids[i])
+    order = sorted(range(len(prompt_ids)), key=lambda i: -length(i))
+    chosen, rejected = torch.zeros(len(order)), torch.zeros(len(order))
+    was_training = model.training
+    model.eval()
+    with packed_attention(model, prefix_sharing=True):
+        for start in tqdm(range(0, len(order), pairs_per_batch), desc=desc, unit="batch", leave=False):
+            rows = order[start : start + pairs_per_batch]
+            batch = concatenated_inputs([prompt_ids[i] for i in rows], [chosen_ids[i] for i in rows],
+                                        [rejected_ids[i] for i in rows], pad_token_id, prefix_sharing=True)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            values = sequence_logps(model, num_sequences=2 * len(rows), **batch).float().cpu()
+            chosen[rows], rejected[rows] = values[: len(rows)], values[len(rows) :]
+    model.train(was_training)
+    return chosen, rejected

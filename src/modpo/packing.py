@@ -12,6 +12,7 @@ Models already on flash-attention implementations keep their own kernels for pla
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -230,3 +231,19 @@ def use_padding_free(model: torch.nn.Module, prefix_sharing: bool = False) -> No
         inner.set_attn_implementation(VARLEN)
     else:
         config._attn_implementation = VARLEN
+
+
+@contextlib.contextmanager
+def packed_attention(model: torch.nn.Module, prefix_sharing: bool = False):
+    """`use_padding_free` for the duration of a block; the model's attention implementation is restored after."""
+    inner = getattr(model, "module", model)
+    before = getattr(inner.config, "_attn_implementation", None)
+    use_padding_free(model, prefix_sharing)
+    try:
+        yield model
+    finally:
+        if getattr(inner.config, "_attn_implementation", None) != before and before is not None:
+            if hasattr(inner, "set_attn_implementation"):
+                inner.set_attn_implementation(before)
+            else:
+                inner.config._attn_implementation = before

@@ -21,7 +21,7 @@ from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint
 from modpo.config import MODPOConfig
 from modpo.data.formats import PreferenceCollator, tokenize_preferences
 from modpo.errors import ConfigError
-from modpo.logps import _output_head, batched_sequence_logps, sequence_logps
+from modpo.logps import _output_head, batched_pair_logps, batched_sequence_logps, sequence_logps
 from modpo.loss import modpo_loss
 from modpo.margins import compute_margin_rewards
 
@@ -116,9 +116,16 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
         pad_id = tokenizer.pad_token_id
         autocast = torch.autocast(args.device.type, dtype=half) if half else nullcontext()
         with adapters_off, autocast:
-            out = {side: batched_sequence_logps(reference, tokenized["prompt_ids"], tokenized[f"{side}_ids"], pad_id,
-                                                args.precompute_batch_size, desc=f"reference log-probs ({side})")
-                   for side in ("chosen", "rejected")}
+            if args.prefix_sharing:  # each prompt once, as in training
+                chosen, rejected = batched_pair_logps(reference, tokenized["prompt_ids"], tokenized["chosen_ids"],
+                                                      tokenized["rejected_ids"], pad_id, args.precompute_batch_size,
+                                                      desc="reference log-probs")
+                out = {"chosen": chosen, "rejected": rejected}
+            else:
+                out = {side: batched_sequence_logps(reference, tokenized["prompt_ids"], tokenized[f"{side}_ids"],
+                                                    pad_id, args.precompute_batch_size,
+                                                    desc=f"reference log-probs ({side})")
+                       for side in ("chosen", "rejected")}
         if ref_model is not None:
             reference.to(device_before)
         return out
