@@ -148,3 +148,32 @@ def test_pair_precompute_with_prefix_sharing_matches_per_side_precompute(model):
         assert torch.allclose(chosen, batched_sequence_logps(model, PROMPTS, CHOSEN, 0, batch_size), atol=1e-5)
         assert torch.allclose(rejected, batched_sequence_logps(model, PROMPTS, REJECTED, 0, batch_size), atol=1e-5)
     assert model.config._attn_implementation == attention_before  # switched for the precompute only
+
+
+def test_trainer_refuses_packing_for_a_model_that_ignores_it(tmp_path, monkeypatch):
+    """A model whose attention does not read the packed-sequence boundaries would attend across sequences and
+    score them wrongly without an error; the trainer compares packed and padded log-probs first and refuses."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    import modpo.packing
+    from modpo.errors import ConfigError
+
+    def whole_row_causal(module, query, key, value, attention_mask=None, scaling=None, **kwargs):
+        """Stands in for attention code that knows nothing of packing: one causal mask over the whole row."""
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("whole_row_causal", whole_row_causal)
+    AttentionMaskInterface.register("whole_row_causal", lambda *args, **kwargs: None)
+    monkeypatch.setattr(modpo.packing, "use_padding_free",
+                        lambda model, prefix_sharing=False: model.set_attn_implementation("whole_row_causal"))
+    tok = tiny.tokenizer()
+    for layout in ("padding_free", "prefix_sharing"):
+        config = MODPOConfig(output_dir=str(tmp_path / layout), weights=[0.7, 0.3], max_steps=1, report_to=[],
+                             use_cpu=True, cache_dir=str(tmp_path / "cache"), **{layout: True})
+        with pytest.raises(ConfigError, match=f"{layout}: .* does not keep packed sequences apart"):
+            MODPOTrainer(tiny.model(len(tok), seed=2, layers=2), args=config, train_dataset=preference_rows(),
+                         processing_class=tok)

@@ -135,6 +135,46 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
             .add_column("ref_rejected_logps", logps["rejected"].tolist()))
 
 
+@torch.no_grad()
+def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, pairs: int = 2) -> None:
+    """Refuse `padding_free`/`prefix_sharing` for a model whose attention does not honour packed sequences.
+
+    Packing relies on the model routing attention through transformers' attention interface (where
+    `modpo_varlen` is registered). A model that does not would attend across sequences and return wrong
+    log-probs without any error, so the first `pairs` rows are scored both padded and packed first.
+    """
+    from modpo.data.formats import concatenated_inputs
+    from modpo.packing import packed_attention
+
+    if tokenized is None or len(tokenized) == 0:
+        return
+    rows = tokenized.select(range(min(pairs, len(tokenized))))
+    ids = [list(map(list, rows[name])) for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    device = next(model.parameters()).device
+    half = precompute_autocast_dtype(args)
+    autocast = torch.autocast(device.type, dtype=half) if half else nullcontext()
+    layout = {"prefix_sharing": True} if args.prefix_sharing else {"padding_free": True}
+
+    def score(**kwargs):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v
+                 for k, v in concatenated_inputs(*ids, pad_token_id, **kwargs).items()}
+        return sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * len(rows), **batch).float()
+
+    was_training = model.training
+    model.eval()
+    with autocast:
+        padded = score()
+        with packed_attention(model, **{"prefix_sharing": args.prefix_sharing}):
+            packed = score(**layout)
+    model.train(was_training)
+    difference = ((packed - padded).abs() / padded.abs().clamp(min=1)).max().item()
+    if not difference <= (2e-2 if half else 1e-3):
+        name = "prefix_sharing" if args.prefix_sharing else "padding_free"
+        raise ConfigError(f"{name}: {type(getattr(model, 'module', model)).__name__} does not keep packed sequences "
+                          f"apart (log-probs differ from padded batches by {difference:.2g} relative); its attention "
+                          f"does not go through transformers' attention interface. Set {name}=false")
+
+
 class MODPOTrainer(Trainer):
     """Trains a policy with the MODPO loss for one weight vector `args.weights`."""
 
@@ -170,6 +210,8 @@ class MODPOTrainer(Trainer):
         if args.padding_free or args.prefix_sharing:
             from modpo.packing import use_padding_free
 
+            check_packed_layout(model, train_dataset if train_dataset is not None else eval_dataset,
+                                processing_class.pad_token_id, args)
             use_padding_free(model, prefix_sharing=args.prefix_sharing)
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
                                       args.prefix_sharing)
