@@ -113,7 +113,11 @@ def preference_rows():
     return Dataset.from_list(tiny.rows(12, seed=4, num_margins=1, max_words=5))
 
 
-@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
+TRAINER_LAYOUTS = {"padding_free": {"padding_free": True}, "prefix_sharing": {"prefix_sharing": True},
+                   "prefix_sharing_checkpointed": {"prefix_sharing": True, "gradient_checkpointing": True}}
+
+
+@pytest.mark.parametrize("layout", sorted(TRAINER_LAYOUTS))
 def test_trainer_loss_curve_matches_padded_batches(tmp_path, layout):
     tok = tiny.tokenizer()
     base = tiny.model(len(tok), seed=2, layers=2)
@@ -128,10 +132,10 @@ def test_trainer_loss_curve_matches_padded_batches(tmp_path, layout):
         return [h["loss"] for h in history], trainer.token_counts["forward"]
 
     padded, padded_tokens = losses()
-    packed, packed_tokens = losses(**{layout: True})
+    packed, packed_tokens = losses(**TRAINER_LAYOUTS[layout])
     assert len(packed) == 3
     assert packed == pytest.approx(padded, abs=1e-5)
-    if layout == "prefix_sharing":  # the prompt ran once per pair instead of twice
+    if layout.startswith("prefix_sharing"):  # the prompt ran once per pair instead of twice
         data = preference_rows()
         prompt_tokens = sum(len(tok(row["prompt"])["input_ids"]) for row in data)
         assert packed_tokens == padded_tokens - prompt_tokens

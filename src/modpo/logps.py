@@ -86,9 +86,10 @@ class _ChunkedLinearLogProb(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            probs = torch.exp(F.linear(h[rows], w, b).float() - lse[rows, None])
-            probs.scatter_add_(-1, targets[rows, None], -torch.ones_like(probs[:, :1]))
-            grad_logits = probs.mul_(-grad_out[rows, None].float())  # = g * (onehot - softmax)
+            # g * (onehot - softmax), in place on the chunk's logits: one vocabulary-sized buffer per chunk
+            grad_logits = F.linear(h[rows], w, b).float().sub_(lse[rows, None]).exp_()
+            g = grad_out[rows, None].float()
+            grad_logits.mul_(-g).scatter_add_(-1, targets[rows, None], g)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             grad_logits = grad_logits.to(ctx.dtype)
