@@ -114,7 +114,8 @@ def preference_rows():
 
 
 TRAINER_LAYOUTS = {"padding_free": {"padding_free": True}, "prefix_sharing": {"prefix_sharing": True},
-                   "prefix_sharing_checkpointed": {"prefix_sharing": True, "gradient_checkpointing": True}}
+                   "prefix_sharing_checkpointed": {"prefix_sharing": True, "gradient_checkpointing": True},
+                   "prefix_sharing_lora": {"prefix_sharing": True}}
 
 
 @pytest.mark.parametrize("layout", sorted(TRAINER_LAYOUTS))
@@ -122,11 +123,19 @@ def test_trainer_loss_curve_matches_padded_batches(tmp_path, layout):
     tok = tiny.tokenizer()
     base = tiny.model(len(tok), seed=2, layers=2)
 
+    lora = None
+    if layout.endswith("lora"):  # the reference is the base with the adapter disabled, also in the precompute
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
     def losses(**settings):
+        # a cache of its own per run: each run computes its reference log-probs in its own layout
         config = MODPOConfig(output_dir=str(tmp_path / layout), weights=[0.7, 0.3], per_device_train_batch_size=4,
                              max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
-                             use_cpu=True, seed=0, cache_dir=str(tmp_path / "cache"), **settings)
-        trainer = MODPOTrainer(copy.deepcopy(base), args=config, train_dataset=preference_rows(), processing_class=tok)
+                             use_cpu=True, seed=0, cache_dir=str(tmp_path / f"cache{len(settings)}"), **settings)
+        trainer = MODPOTrainer(copy.deepcopy(base), args=config, train_dataset=preference_rows(), processing_class=tok,
+                               peft_config=lora)
         trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
         return [h["loss"] for h in history], trainer.token_counts["forward"]

@@ -134,6 +134,23 @@ def test_lora_training_changes_only_lora_parameters(tmp_path, tok):
     assert any("lora_B" in name for name in changed)
 
 
+def test_lora_initialisation_follows_the_seed(tmp_path, tok):
+    from peft import LoraConfig
+
+    data = Dataset.from_list(tiny.rows(4, seed=5))
+    base = tiny.model(len(tok), seed=5)
+
+    def adapters(seed: int, noise: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(noise)  # whatever the global random state was before
+        trainer = MODPOTrainer(copy.deepcopy(base), args=config(tmp_path, seed=seed), train_dataset=data,
+                               processing_class=tok, peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first, again, other = adapters(0, noise=1), adapters(0, noise=2), adapters(1, noise=1)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
 def test_logged_metrics_and_evaluate(tmp_path, tok):
     rows = tiny.rows(4, seed=6, num_margins=1)
     weights = [0.7, 0.3]

@@ -1,9 +1,10 @@
 """MODPOTrainer: transformers.Trainer with the MODPO loss.
 
 Follow one batch: preference rows are checked and tokenized (`data.formats`), reference log-probs and
-margin rewards are computed once and cached (`precompute_columns`), the collator stacks chosen over
-rejected rows, and `compute_loss` scores both with one forward pass (`logps.sequence_logps`) and applies
-`loss.modpo_loss`. Only the policy is on the device while training.
+margin rewards are computed once and cached (`precompute_columns`), the collator lays out chosen then
+rejected sequences (padded rows, one packed row, or one packed row with each prompt once: `packing`) and
+says which hidden state scores which response token, and `compute_loss` scores both sides with one forward
+pass (`logps.sequence_logps`) and applies `loss.modpo_loss`. Only the policy is on the device while training.
 """
 
 from __future__ import annotations
@@ -195,7 +196,9 @@ class MODPOTrainer(Trainer):
             raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
         if peft_config is not None:
             from peft import get_peft_model
+            from transformers import set_seed
 
+            set_seed(args.seed)  # adapter initialisation follows the run's seed, as the Trainer's own setup does
             model = get_peft_model(model, peft_config)
         disable_dropout(model)
         self.margin_sources = list(margin_rewards or [])

@@ -1,12 +1,13 @@
-"""Preference rows -> token ids, and token ids -> padded batches.
+"""Preference rows -> token ids, and token ids -> batches.
 
 A preference row is TRL's format: `prompt`, `chosen`, `rejected`, each either text or chat messages
 (`[{"role": ..., "content": ...}, ...]`; the prompt holds the conversation so far, chosen/rejected the
 assistant turn). Optional columns: `chosen_margins` / `rejected_margins` (K-1 floats each).
 
 `tokenize_preferences` turns rows into `prompt_ids`, `chosen_ids`, `rejected_ids` (response ids only);
-`PreferenceCollator` stacks chosen rows on top of rejected rows into one right-padded batch with a
-`response_mask`, so one forward pass scores both.
+`PreferenceCollator` lays out the chosen then the rejected sequences of a batch, so one forward pass scores
+both: right-padded rows, or one packed row (`padding_free`, `prefix_sharing`: see `modpo.packing`), plus
+`score_positions` / `score_targets` / `score_sequences` saying which hidden state scores which response token.
 """
 
 from __future__ import annotations
