@@ -179,12 +179,16 @@ def test_implicit_reward_with_a_reference_model():
     policy = tiny.perturbed(reference, seed=10, scale=0.1).eval()
     rows = tiny.rows(5, seed=11)
     source = ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok, beta=0.5, batch_size=2)
+    shared = ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok, beta=0.5, batch_size=2,
+                                   prefix_sharing=True)
+    both = shared.score_pairs(Dataset.from_list(rows))  # each prompt once per pair
     for side in ("chosen", "rejected"):
         scores = source.score(Dataset.from_list(rows), side)
-        assert scores.shape == (5, 1)
+        assert scores.shape == (5, 1) and both[side].shape == (5, 1)
         expected = implicit_by_hand(policy, reference, tok, rows, side, 0.5)
         assert expected.abs().max() > 1e-2  # policy and reference really differ
         assert torch.allclose(scores[:, 0].double(), expected, atol=1e-4)
+        assert torch.allclose(both[side][:, 0].double(), expected, atol=1e-4)
 
 
 def test_implicit_reward_needs_a_reference():
@@ -217,6 +221,11 @@ def test_implicit_reward_of_a_lora_adapter_folder(tmp_path):
     expected = implicit_by_hand(peft_model, reference, tok, rows, "chosen", 0.3)
     assert expected.abs().max() > 1e-3  # the adapter is not a no-op
     assert torch.allclose(scores, expected, atol=1e-4)
+    source.prefix_sharing = True  # both sides at once, the reference with the adapter disabled
+    both = source.score_pairs(Dataset.from_list(rows))
+    assert torch.allclose(both["chosen"][:, 0].double(), expected, atol=1e-4)
+    expected_rejected = implicit_by_hand(peft_model, reference, tok, rows, "rejected", 0.3)
+    assert torch.allclose(both["rejected"][:, 0].double(), expected_rejected, atol=1e-4)
 
 
 def test_implicit_reward_cache_key_covers_the_tokenizer(tmp_path):

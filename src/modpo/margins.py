@@ -23,7 +23,7 @@ import torch
 from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint, stable_hash, tokenizer_fingerprint
 from modpo.data.formats import render
 from modpo.errors import DataError
-from modpo.logps import batched_sequence_logps
+from modpo.logps import batched_pair_logps, batched_sequence_logps
 
 SIDES = ("chosen", "rejected")
 
@@ -40,6 +40,11 @@ class MarginSource:
 
     def score(self, dataset, side: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def score_pairs(self, dataset) -> dict[str, torch.Tensor]:
+        """Both sides: {"chosen": (N, K), "rejected": (N, K)}. Sources that can share work across a pair
+        (one pass per prompt) override this."""
+        return {side: self.score(dataset, side) for side in SIDES}
 
     def describe(self) -> str:
         return self.name
@@ -175,7 +180,8 @@ class ImplicitRewardMargins(MarginSource):
     """
 
     def __init__(self, model, ref_model=None, tokenizer=None, beta: float = 0.1, batch_size: int = 16,
-                 max_length: int = 1024, append_eos: bool = True, name: str = "implicit_reward"):
+                 max_length: int = 1024, append_eos: bool = True, name: str = "implicit_reward",
+                 prefix_sharing: bool = False):
         from modpo.models import load_tokenizer
 
         self.path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
@@ -186,6 +192,7 @@ class ImplicitRewardMargins(MarginSource):
         self.tokenizer = tokenizer or load_tokenizer(self.path)
         self.beta, self.batch_size, self.max_length, self.name = beta, batch_size, max_length, name
         self.append_eos = append_eos
+        self.prefix_sharing = prefix_sharing  # score both sides of a pair with each prompt run once
 
     def identity(self) -> dict:
         ref = model_fingerprint(self.ref_model) if self.ref_model is not None else "adapter-disabled"
@@ -193,7 +200,7 @@ class ImplicitRewardMargins(MarginSource):
                 "max_length": self.max_length, "append_eos": self.append_eos,
                 "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
-    def score(self, dataset, side):
+    def _token_ids(self, dataset, side) -> tuple[list, list]:
         prompt_ids, response_ids = [], []
         for p, r in zip(dataset["prompt"], dataset[side]):
             prompt_text, response_text = render(p, r, self.tokenizer)
@@ -203,15 +210,37 @@ class ImplicitRewardMargins(MarginSource):
                 ids_r = ids_r + [self.tokenizer.eos_token_id]
             prompt_ids.append(ids_p[-(self.max_length - 1):])
             response_ids.append(ids_r[: max(1, self.max_length - len(prompt_ids[-1]))])
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        args = (prompt_ids, response_ids, pad_id, self.batch_size)
-        policy = batched_sequence_logps(self.model, *args, desc=f"{self.name} policy ({side})")
+        return prompt_ids, response_ids
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def _both_models(self, logps):
+        """beta' * (logps(policy) - logps(reference)), where `logps(model)` scores with one model."""
+        policy = logps(self.model, "policy")
         if self.ref_model is not None:
-            reference = batched_sequence_logps(self.ref_model, *args, desc=f"{self.name} reference ({side})")
+            reference = logps(self.ref_model, "reference")
         else:
             with self.model.disable_adapter():
-                reference = batched_sequence_logps(self.model, *args, desc=f"{self.name} reference ({side})")
-        return (self.beta * (policy - reference))[:, None]
+                reference = logps(self.model, "reference")
+        return self.beta * (policy - reference)
+
+    def score(self, dataset, side):
+        prompt_ids, response_ids = self._token_ids(dataset, side)
+        args = (prompt_ids, response_ids, self._pad_id(), self.batch_size)
+        margins = self._both_models(lambda model, role: batched_sequence_logps(
+            model, *args, desc=f"{self.name} {role} ({side})"))
+        return margins[:, None]
+
+    def score_pairs(self, dataset):
+        if not self.prefix_sharing:
+            return super().score_pairs(dataset)
+        prompt_ids, chosen_ids = self._token_ids(dataset, "chosen")
+        _, rejected_ids = self._token_ids(dataset, "rejected")
+        args = (prompt_ids, chosen_ids, rejected_ids, self._pad_id(), self.batch_size)
+        both = self._both_models(lambda model, role: torch.stack(batched_pair_logps(
+            model, *args, desc=f"{self.name} {role}")))
+        return {"chosen": both[0][:, None], "rejected": both[1][:, None]}
 
 
 def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=None,
@@ -229,7 +258,7 @@ def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=N
                "extra": columns_fingerprint(dataset, extra) if extra else None}
 
         def compute(source=source):
-            return {side: source.score(dataset, side) for side in SIDES}
+            return source.score_pairs(dataset)
 
         scores = cached_tensors("margins", key, compute, cache_dir)
         chosen.append(scores["chosen"].float().reshape(len(dataset), -1))

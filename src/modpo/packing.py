@@ -68,8 +68,8 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
     if filler:
         sequences.append([pad_token_id] * filler)
         lengths.append(filler)
-    starts = _cumulative(lengths)[:-1].tolist()
     cu = _cumulative(lengths)
+    starts = cu[:-1].tolist()
     return {
         "input_ids": _flat(sequences),
         "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
@@ -94,7 +94,8 @@ def pack_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], reject
         first.append([pad_token_id] * filler)
         lengths.append(filler)
     split = sum(lengths)
-    starts = _cumulative(lengths)[:-1].tolist()
+    cu = _cumulative(lengths)
+    starts = cu[:-1].tolist()
     rejected_starts = (split + _cumulative([len(r) for r in rejected])[:-1]).tolist()
     pairs = len(prompts)
     key_index = []
@@ -110,8 +111,7 @@ def pack_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], reject
         "input_ids": torch.cat([_flat(first), _flat(rejected)], dim=1),
         "position_ids": torch.cat(positions)[None],
         "sequence_index": torch.repeat_interleave(torch.tensor(sequence_of), torch.tensor(lengths + rejected_lengths))[None],
-        "cu_seq_lens_q": _cumulative(lengths), "cu_seq_lens_k": _cumulative(lengths),
-        "max_length_q": max(lengths), "max_length_k": max(lengths),
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths),
         "rejected_offset": split, "rejected_key_index": torch.tensor(key_index, dtype=torch.long),
         "rejected_cu_seq_lens_q": _cumulative(rejected_lengths), "rejected_cu_seq_lens_k": _cumulative(rejected_key_lengths),
         "rejected_max_length_q": max(rejected_lengths), "rejected_max_length_k": max(rejected_key_lengths),

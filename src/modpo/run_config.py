@@ -28,7 +28,8 @@ class StageConfig:
                                                                   "under LoRA the base with adapters off)."})
     margins: list = field(default_factory=list, metadata={
         "help": "Margin reward sources for objectives 1..K-1, in order. Each is {type: implicit_reward, model, "
-                "ref_model?, beta} | {type: reward_model, model, outputs?} | {type: columns, chosen: [...], "
+                "ref_model?, beta, prefix_sharing? (default: training's)} | {type: reward_model, model, outputs?} | "
+                "{type: columns, chosen: [...], "
                 "rejected: [...]} | {type: length_penalty}. Or give chosen_margins/rejected_margins columns."})
     lora: dict | None = field(default=None, metadata={"help": "LoRA settings (peft.LoraConfig fields: r, lora_alpha, "
                                                               "target_modules, ...); null trains all weights."})

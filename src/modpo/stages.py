@@ -61,8 +61,9 @@ def as_chat_messages(dataset):
     return dataset.map(convert, desc="chat format")
 
 
-def margin_sources(specs: list[dict], tokenizer, max_length: int):
-    """Margin reward sources from their config mappings (see StageConfig.margins)."""
+def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing: bool = False):
+    """Margin reward sources from their config mappings (see StageConfig.margins). Implicit rewards share
+    each pair's prompt when training does (`prefix_sharing`), unless their mapping says otherwise."""
     from modpo import margins as m
 
     sources = []
@@ -75,6 +76,7 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int):
                 sources.append(m.ImplicitRewardMargins(spec.pop("model"), ref_model=spec.pop("ref_model", None),
                                                        beta=float(spec.pop("beta", 0.1)), max_length=max_length,
                                                        tokenizer=tokenizer if spec.pop("same_tokenizer", True) else None,
+                                                       prefix_sharing=bool(spec.pop("prefix_sharing", prefix_sharing)),
                                                        **spec))
             elif kind == "reward_model":
                 sources.append(m.RewardModelMargins(spec.pop("model"), outputs=spec.pop("outputs", None),
@@ -286,7 +288,7 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     ref_model = load_model(cfg.ref_model, dtype=cfg.dtype) if cfg.ref_model else None
     train, train_name = load_data(cfg.train_data, "train_data")
     evaluation, eval_name = load_data(cfg.eval_data, "eval_data")
-    sources = margin_sources(cfg.margins, tokenizer, args.max_length)
+    sources = margin_sources(cfg.margins, tokenizer, args.max_length, prefix_sharing=args.prefix_sharing)
     trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
                            data_names=(train_name, eval_name))
