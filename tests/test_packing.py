@@ -190,3 +190,43 @@ def test_trainer_refuses_packing_for_a_model_that_ignores_it(tmp_path, monkeypat
         with pytest.raises(ConfigError, match=f"{layout}: .* does not keep packed sequences apart"):
             MODPOTrainer(tiny.model(len(tok), seed=2, layers=2), args=config, train_dataset=preference_rows(),
                          processing_class=tok)
+
+
+def gemma2_soft_capped(vocab_size: int):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(5)
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                          attn_logit_softcapping=50.0, final_logit_softcapping=None,
+                                          sliding_window=4096, max_position_embeddings=64))
+
+
+def qwen2_sliding(vocab_size: int, window: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(6)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        use_sliding_window=True, sliding_window=window, max_window_layers=0))
+
+
+@pytest.mark.parametrize("case", ["soft_capped", "window_shorter_than_sequences", "window_longer_than_sequences"])
+def test_packing_refuses_attention_it_does_not_compute(tmp_path, case):
+    """Soft-capped attention (Gemma 2) and sliding windows shorter than a sequence are refused in one line;
+    a window longer than every sequence changes nothing, so packing goes ahead."""
+    from modpo.errors import ConfigError
+
+    tok = tiny.tokenizer()
+    model = {"soft_capped": lambda: gemma2_soft_capped(len(tok)),
+             "window_shorter_than_sequences": lambda: qwen2_sliding(len(tok), window=3),
+             "window_longer_than_sequences": lambda: qwen2_sliding(len(tok), window=60)}[case]()
+    config = MODPOConfig(output_dir=str(tmp_path / "out"), weights=[0.7, 0.3], max_steps=1, report_to=[],
+                         use_cpu=True, cache_dir=str(tmp_path / "cache"), prefix_sharing=True)
+    if case == "window_longer_than_sequences":
+        trainer = MODPOTrainer(model, args=config, train_dataset=preference_rows(), processing_class=tok)
+        assert trainer.args.prefix_sharing
+        return
+    words = "soft-caps" if case == "soft_capped" else r"sliding-window attention \(3 tokens\)"
+    with pytest.raises(ConfigError, match=words):
+        MODPOTrainer(model, args=config, train_dataset=preference_rows(), processing_class=tok)

@@ -184,12 +184,29 @@ def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | No
     return _sdpa_varlen(q, k, v, cu_q, cu_k, scale)
 
 
+def _check_supported(module, kwargs) -> None:
+    """Refuse attention variants this function does not compute, rather than return something else."""
+    from modpo.errors import ConfigError
+
+    model = type(module).__name__.removesuffix("Attention") or type(module).__name__
+    if kwargs.get("softcap") is not None:
+        raise ConfigError(f"padding_free/prefix_sharing: {model} soft-caps its attention scores, which packed "
+                          "attention does not do; set padding_free=false and prefix_sharing=false")
+    window = kwargs.get("sliding_window")
+    longest = max(int(kwargs["max_length_k"]), int(kwargs.get("rejected_max_length_k") or 0))
+    if window is not None and longest > window:
+        raise ConfigError(f"padding_free/prefix_sharing: {model} uses sliding-window attention ({window} tokens) "
+                          f"and a packed sequence is {longest} tokens long; packed attention has no window. Set "
+                          "padding_free=false and prefix_sharing=false, or keep sequences within the window")
+
+
 def varlen_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function over packed sequences. query: (1, H, T, D) -> output (1, T, H, D).
 
     With prefix sharing (`pack_shared_prompt`), the row's first part holds prompt+chosen segments and its
     second part the rejected responses, whose keys are their prompt's keys followed by their own.
     """
+    _check_supported(module, kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     if q.is_cuda and torch.is_autocast_enabled("cuda"):
         # RoPE in an fp32 residual stream promotes q, k to fp32; flash kernels want the autocast dtype.
