@@ -230,3 +230,50 @@ def test_packing_refuses_attention_it_does_not_compute(tmp_path, case):
     words = "soft-caps" if case == "soft_capped" else r"sliding-window attention \(3 tokens\)"
     with pytest.raises(ConfigError, match=words):
         MODPOTrainer(model, args=config, train_dataset=preference_rows(), processing_class=tok)
+
+
+def fake_flash(bottom_right: bool):
+    """Stands in for PyTorch's variable-length flash kernel (same call), in fp32 on CPU, with either causal
+    alignment for segments with fewer queries than keys."""
+    import torch.nn.functional as F
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        assert window_size == (-1, 0) and max_q >= 1 and max_k >= max_q
+        pieces = []
+        for q0, q1, k0, k1 in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), cu_seq_k[:-1].tolist(),
+                                  cu_seq_k[1:].tolist()):
+            n_q, n_k = q1 - q0, k1 - k0
+            assert n_q <= max_q and n_k <= max_k
+            mask = torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q if bottom_right else 0)
+            q, k, v = (t[a:b].transpose(0, 1)[None] for t, a, b in ((query, q0, q1), (key, k0, k1), (value, k0, k1)))
+            pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                         enable_gqa=enable_gqa)[0].transpose(0, 1))
+        return torch.cat(pieces)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize("bottom_right", [True, False])
+def test_flash_path_plumbing_and_its_alignment_check(monkeypatch, caplog, bottom_right):
+    """The CUDA branch (arguments, grouped-query heads, the rejected responses' queries against prompt + own keys)
+    runs here through a stand-in kernel. A kernel that aligned causal masks top-left would score rejected
+    responses wrongly; the one-time check catches it and falls back to SDPA, with a warning."""
+    import modpo.packing as packing
+
+    kernel = fake_flash(bottom_right)
+    monkeypatch.setattr(packing, "flash_kernel", lambda q: kernel)
+    check = packing._flash_aligns_bottom_right
+    check.cache_clear()  # checked once per kernel, device and dtype: start afresh
+    model = qwen2(32)  # 4 query heads over 2 key/value heads
+    expected = per_sequence(model).detach()
+    with caplog.at_level("WARNING", logger="modpo.packing"):
+        values, _ = scored(model, {"prefix_sharing": True}, chunked=True)
+    assert torch.allclose(values, expected, atol=1e-5)
+    assert ("does not align causal masks bottom-right" in caplog.text) is (not bottom_right)
+    if not bottom_right:  # the check is what saves the result: the kernel alone gets rejected responses wrong
+        monkeypatch.setattr(packing, "_flash_aligns_bottom_right", lambda *args: True)
+        wrong, _ = scored(model, {"prefix_sharing": True}, chunked=True)
+        assert torch.allclose(wrong[:4], expected[:4], atol=1e-5)  # chosen: equal numbers of queries and keys
+        assert not torch.allclose(wrong[4:], expected[4:], atol=1e-3)
+    check.cache_clear()

@@ -119,7 +119,10 @@ def pack_shared_prompt(prompts: list[list[int]], chosen: list[list[int]], reject
     }
 
 
-def _cuda_varlen():
+def flash_kernel(q: torch.Tensor):
+    """PyTorch's variable-length flash attention where it runs (CUDA, half precision), else None."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return None
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -127,9 +130,14 @@ def _cuda_varlen():
     return varlen_attn
 
 
+@functools.cache
+def _parameters(kernel) -> frozenset:
+    return frozenset(inspect.signature(kernel).parameters)
+
+
 def _flash_varlen(varlen_attn, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)  # the keyword names changed across torch releases
     extra = {"scale": scale}
     if "is_causal" in params:
         extra["is_causal"] = True
@@ -154,14 +162,14 @@ def _sdpa_varlen(q, k, v, cu_q, cu_k, scale: float | None) -> torch.Tensor:
 
 
 @functools.cache
-def _flash_aligns_bottom_right(device: torch.device, dtype: torch.dtype) -> bool:
+def _flash_aligns_bottom_right(kernel, device: torch.device, dtype: torch.dtype) -> bool:
     """Does the flash kernel align causal masks bottom-right when a segment has fewer queries than keys?
     Checked once per device and dtype on a small random case, against SDPA with the explicit mask."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, 2, 64, generator=generator).to(device, dtype) for n in (3, 7, 7))
     cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=device) for n in (3, 7))
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        flash = _flash_varlen(_cuda_varlen(), q, k, v, cu_q, cu_k, 3, 7, None).float()
+        flash = _flash_varlen(kernel, q, k, v, cu_q, cu_k, 3, 7, None).float()
         expected = _sdpa_varlen(q.float(), k.float(), v.float(), cu_q, cu_k, None)
     aligned = torch.allclose(flash, expected, atol=3e-2)
     if not aligned:
@@ -178,9 +186,9 @@ def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | No
     query j attends to keys 0 .. j + (keys - queries). PyTorch's variable-length flash attention on CUDA
     in half precision; per-segment SDPA elsewhere.
     """
-    varlen_attn = _cuda_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-    if varlen_attn is not None and (cu_q is cu_k or _flash_aligns_bottom_right(q.device, q.dtype)):
-        return _flash_varlen(varlen_attn, q, k, v, cu_q, cu_k, max_q, max_k, scale)
+    kernel = flash_kernel(q)
+    if kernel is not None and (cu_q is cu_k or _flash_aligns_bottom_right(kernel, q.device, q.dtype)):
+        return _flash_varlen(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale)
     return _sdpa_varlen(q, k, v, cu_q, cu_k, scale)
 
 
