@@ -135,14 +135,15 @@ def test_trainer_loss_curve_matches_padded_batches(tmp_path, layout):
                              max_steps=3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
                              use_cpu=True, seed=0, cache_dir=str(tmp_path / f"cache{len(settings)}"), **settings)
         trainer = MODPOTrainer(copy.deepcopy(base), args=config, train_dataset=preference_rows(), processing_class=tok,
-                               peft_config=lora)
+                               eval_dataset=Dataset.from_list(tiny.rows(6, seed=9, num_margins=1)), peft_config=lora)
         trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
-        return [h["loss"] for h in history], trainer.token_counts["forward"]
+        tokens = trainer.token_counts["forward"]
+        return [h["loss"] for h in history] + [trainer.evaluate()["eval_loss"]], tokens
 
     padded, padded_tokens = losses()
     packed, packed_tokens = losses(**TRAINER_LAYOUTS[layout])
-    assert len(packed) == 3
+    assert len(packed) == 4  # three training steps, then evaluation
     assert packed == pytest.approx(padded, abs=1e-5)
     if layout.startswith("prefix_sharing"):  # the prompt ran once per pair instead of twice
         data = preference_rows()
