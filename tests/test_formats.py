@@ -121,6 +121,25 @@ def test_prompt_that_fills_max_length_is_refused():
     assert (error.value.row, error.value.field) == (2, "prompt")
 
 
+def test_response_that_tokenizes_to_nothing_is_refused():
+    """Non-empty text can still give no token ids (a tokenizer that normalises it away); with no eos appended
+    there would be nothing to score, and the pair would carry no preference."""
+    tok = tiny.tokenizer()
+
+    class DropsB:  # the word tokenizer, except that the word "b" vanishes
+        eos_token_id = tok.eos_token_id
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = tok(text, add_special_tokens=add_special_tokens)["input_ids"]
+            return {"input_ids": [] if text.strip() == "b" else ids}
+
+    rows = [{"prompt": "p0", "chosen": "a", "rejected": "b"}]
+    with pytest.raises(DataError) as error:
+        tokenize_preferences(Dataset.from_list(rows), DropsB(), max_length=8, file="prefs.jsonl", append_eos=False)
+    assert (error.value.row, error.value.field) == (1, "rejected") and "tokenizes to no tokens" in str(error.value)
+
+
 # ------------------------------------------------------------------------------------------------ collating
 
 def test_collator_shapes_and_masks():

@@ -125,6 +125,9 @@ def tokenize_row(example: dict, tokenizer, max_length: int, row: int, file: str,
             response_ids = response_ids + [tokenizer.eos_token_id]
         out["prompt_ids"] = prompt_ids  # identical for both sides
         responses[side] = response_ids
+    for side, ids in responses.items():
+        if not ids:
+            raise DataError(file, row, side, "tokenizes to no tokens (nothing to score)")
     prompt_ids = out["prompt_ids"]
     if not prompt_ids:
         raise DataError(file, row, "prompt", "tokenizes to no tokens (the first response token could not be scored)")
