@@ -47,7 +47,7 @@ def crossing(batch: dict) -> dict:
 def logps_and_grads(model, layout: dict, pairs, device, autocast_dtype, broken: bool = False):
     import torch
 
-    from modpo.data.formats import concatenated_inputs
+    from modpo.data.formats import concatenated_inputs, to_device
     from modpo.logps import sequence_logps
     from modpo.packing import use_padding_free
 
@@ -56,7 +56,7 @@ def logps_and_grads(model, layout: dict, pairs, device, autocast_dtype, broken: 
         use_padding_free(model, prefix_sharing=layout.get("prefix_sharing", False))
     batch = concatenated_inputs(*pairs, pad_token_id=0, **layout)
     batch = crossing(batch) if broken else batch
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = to_device(batch, device)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         values = sequence_logps(model, num_sequences=2 * len(pairs[0]), **batch)
     weights = torch.linspace(-1, 1, values.shape[0], device=device)

@@ -142,9 +142,7 @@ def sequence_logps(
     position ids and the variable-length attention inputs of packed batches.
     """
     if score_positions is None:
-        scoring = scoring_from_response_mask(input_ids, response_mask)
-        score_positions, score_targets, score_sequences = (scoring[k] for k in ("score_positions", "score_targets",
-                                                                                "score_sequences"))
+        score_positions, score_targets, score_sequences = scoring_from_response_mask(input_ids, response_mask).values()
         num_sequences = input_ids.shape[0]
     model_inputs.pop("sequence_index", None)  # which sequence each token belongs to: bookkeeping, not a model input
     head = _output_head(model) if chunked else None
@@ -198,7 +196,7 @@ def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: 
     Same values as two `batched_sequence_logps` calls, in fewer token passes. Shapes (N,), fp32, CPU."""
     from tqdm.auto import tqdm
 
-    from modpo.data.formats import concatenated_inputs
+    from modpo.data.formats import concatenated_inputs, to_device
     from modpo.packing import packed_attention
 
     device = next(model.parameters()).device
@@ -213,8 +211,7 @@ def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: 
             rows = order[start : start + pairs_per_batch]
             batch = concatenated_inputs([prompt_ids[i] for i in rows], [chosen_ids[i] for i in rows],
                                         [rejected_ids[i] for i in rows], pad_token_id, prefix_sharing=True)
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            values = sequence_logps(model, num_sequences=2 * len(rows), **batch).float().cpu()
+            values = sequence_logps(model, num_sequences=2 * len(rows), **to_device(batch, device)).float().cpu()
             chosen[rows], rejected[rows] = values[: len(rows)], values[len(rows) :]
     model.train(was_training)
     return chosen, rejected

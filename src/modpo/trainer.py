@@ -144,7 +144,7 @@ def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, 
     `modpo_varlen` is registered). A model that does not would attend across sequences and return wrong
     log-probs without any error, so the first `pairs` rows are scored both padded and packed first.
     """
-    from modpo.data.formats import concatenated_inputs
+    from modpo.data.formats import concatenated_inputs, to_device
     from modpo.packing import packed_attention
 
     if tokenized is None or len(tokenized) == 0:
@@ -157,15 +157,14 @@ def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, 
     layout = {"prefix_sharing": True} if args.prefix_sharing else {"padding_free": True}
 
     def score(**kwargs):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v
-                 for k, v in concatenated_inputs(*ids, pad_token_id, **kwargs).items()}
+        batch = to_device(concatenated_inputs(*ids, pad_token_id, **kwargs), device)
         return sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * len(rows), **batch).float()
 
     was_training = model.training
     model.eval()
     with autocast:
         padded = score()
-        with packed_attention(model, **{"prefix_sharing": args.prefix_sharing}):
+        with packed_attention(model, prefix_sharing=args.prefix_sharing):
             packed = score(**layout)
     model.train(was_training)
     difference = ((packed - padded).abs() / padded.abs().clamp(min=1)).max().item()

@@ -172,6 +172,11 @@ def pad(sequences: Sequence[Sequence[int]], value: int, multiple_of: int | None 
     return out
 
 
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors on `device` (ints and other values as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def concatenated_inputs(prompt_ids, chosen_ids, rejected_ids, pad_token_id: int, padding_free: bool = False,
                         pad_to_multiple_of: int | None = None, prefix_sharing: bool = False) -> dict:
     """Model inputs scoring all chosen responses (sequences 0..B-1) then all rejected ones (B..2B-1).
