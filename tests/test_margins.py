@@ -136,6 +136,7 @@ def test_reward_model_by_path_equals_a_direct_forward(reward_model_dir):
     rows = reward_rows()
     source = RewardModelMargins(path, outputs=[0, 2], batch_size=2)
     assert source.num_objectives == 2
+    assert source.describe() == f"reward_model ({path}, outputs [0, 2])"  # reports tell evaluators apart
     model.eval()
     for side in ("chosen", "rejected"):
         data = Dataset.from_list(rows[:4])

@@ -301,7 +301,7 @@ def test_train_k2_implicit_reward_with_lora(capsys, monkeypatch, tmp_path, base,
                                     training={"weights": [0.5, 0.5], "learning_rate": 1e-3})
     train_ok(capsys, "train", config)
     record = check_record(out, "train", raw)
-    assert record["margin_sources"] == ["implicit_reward"]
+    assert record["margin_sources"] == [f"implicit_reward ({dpo_out}; reference {base}; beta 0.5)"]
     card = check_card(out, "train", raw, "- weights: [0.5, 0.5]")
     assert card_value(card, "margin sources") == margins
     assert card_value(card, "LoRA") == lora

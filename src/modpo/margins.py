@@ -147,6 +147,10 @@ class RewardModelMargins(MarginSource):
             raise ValueError(f"reward model {self.path or name} has {num_labels} outputs; outputs {bad} do not exist")
         self.num_objectives, self.batch_size, self.max_length, self.name = len(self.outputs), batch_size, max_length, name
 
+    def describe(self) -> str:
+        outputs = "" if self.outputs == [0] else f", outputs {self.outputs}"
+        return f"{self.name} ({self.path or 'model object'}{outputs})"
+
     def identity(self) -> dict:
         return {"type": "reward_model", "weights": model_fingerprint(self.model), "outputs": self.outputs,
                 "max_length": self.max_length, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
@@ -193,6 +197,11 @@ class ImplicitRewardMargins(MarginSource):
         self.beta, self.batch_size, self.max_length, self.name = beta, batch_size, max_length, name
         self.append_eos = append_eos
         self.prefix_sharing = prefix_sharing  # score both sides of a pair with each prompt run once
+
+    def describe(self) -> str:
+        ref_path = getattr(getattr(self.ref_model, "config", None), "_name_or_path", "") if self.ref_model is not None else ""
+        reference = f"reference {ref_path or 'model object'}" if self.ref_model is not None else "adapter disabled as reference"
+        return f"{self.name} ({self.path or 'model object'}; {reference}; beta {self.beta:g})"
 
     def identity(self) -> dict:
         ref = model_fingerprint(self.ref_model) if self.ref_model is not None else "adapter-disabled"
