@@ -151,3 +151,30 @@ def test_precompute_benchmark_times_both_layouts(tmp_path):
         assert result["median_pass_s"] == pytest.approx(statistics.median(result["pass_times_s"]))
         assert result["tokens_per_s"] == pytest.approx(cfg["tokens"] / result["median_pass_s"])
         assert result["forward_mfu"] == pytest.approx(result["tokens_per_s"] * 2 * cfg["n_flops_params"] / 1e12)
+
+
+def test_real_data_layout_benchmark_bookkeeping(tmp_path):
+    """benchmarks/layouts_real_data.py on a tiny saved model and a JSONL file: every layout counts the same
+    sequence tokens, and prefix sharing runs exactly one prompt fewer per pair."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tiny
+
+    layouts = load("layouts_real_data")
+    tok = tiny.tokenizer()
+    model_dir = tiny.save(tiny.model(len(tok), seed=0, layers=2), tok, tmp_path / "model")
+    rows = tiny.rows(6, seed=2, max_words=6)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "layouts.json"
+    layouts.main(["--model", model_dir, "--data", f"jsonl:{data}", "--pairs-per-step", "2", "--steps", "3",
+                  "--warmup", "1", "--lora", "0", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["padded", "padding_free", "prefix_sharing"]
+    tokens = {name: r["tokens_per_step"] for name, r in results.items()}
+    assert len(set(tokens.values())) == 1
+    timed = rows[2:]  # steps 2 and 3 (2 pairs each) are timed
+    prompt_tokens = sum(len(tok(r["prompt"])["input_ids"]) for r in timed) / 2  # per step
+    assert results["padding_free"]["tokens_computed_per_step"] == tokens["padded"]
+    assert results["prefix_sharing"]["tokens_computed_per_step"] == pytest.approx(tokens["padded"] - prompt_tokens)
+    for r in results.values():
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["median_step_s"])
