@@ -59,13 +59,21 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import torch
 
+    cuda = torch.cuda.is_available()
+    threads_before = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(args.threads or 1)
+    try:
+        return _run(args, cuda)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, cuda: bool) -> dict:
     from modpo import MODPOConfig, MODPOTrainer
     from modpo.margins import CallableMargins, length_penalty
     from modpo.models import load_model, load_tokenizer
 
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(args.threads or 1)
     rows = load_rows(args.data, args.steps * args.pairs_per_step)
     tokenizer = load_tokenizer(args.model)
     base = load_model(args.model)
