@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 import tiny
+from tiny import run_cli as run, write_jsonl, write_yaml as write_config
 from modpo.cli import main
 
 TRAINING = {"use_cpu": True, "report_to": [], "save_strategy": "no", "max_steps": 1,
@@ -43,21 +43,7 @@ def reward_model(tmp_path_factory) -> str:
     return tiny.save(tiny.model(len(tok), seed=1, num_labels=1), tok, tmp_path_factory.mktemp("rm") / "rm")
 
 
-def write_jsonl(path: Path, rows: list) -> str:
-    """Rows as JSONL; a str row is written as the raw line."""
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
-
-def write_config(path: Path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(err: str) -> str:

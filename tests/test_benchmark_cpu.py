@@ -163,8 +163,7 @@ def test_real_data_layout_benchmark_bookkeeping(tmp_path):
     tok = tiny.tokenizer()
     model_dir = tiny.save(tiny.model(len(tok), seed=0, layers=2), tok, tmp_path / "model")
     rows = tiny.rows(6, seed=2, max_words=6)
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tiny.write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "layouts.json"
     layouts.main(["--model", model_dir, "--data", f"jsonl:{data}", "--pairs-per-step", "2", "--steps", "3",
                   "--warmup", "1", "--lora", "0", "--out", str(out)])

@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tiny
+from tiny import run_cli as cli, write_jsonl, write_yaml
 from modpo.cli import main
 from modpo.demo import task
 from modpo.front.sweep import point_name
@@ -94,14 +95,6 @@ sys.exit(main(sys.argv[1:]))
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def write_yaml(path: Path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def kill_at(tmp_path: Path, where: str, argv: list[str]) -> str:
@@ -128,11 +121,6 @@ def kill_at(tmp_path: Path, where: str, argv: list[str]) -> str:
     assert process.returncode == -signal.SIGKILL, log_file.read_text()[-3000:]
     return log_file.read_text()
 
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

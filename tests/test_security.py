@@ -24,7 +24,7 @@ import yaml
 
 import modpo
 import tiny
-from modpo.cli import main
+from tiny import run_cli as cli, write_jsonl, write_yaml
 from modpo.errors import ConfigError
 from modpo.front.sweep import point_name
 from modpo.models import load_model, load_tokenizer
@@ -38,20 +38,7 @@ TRAINER_PICKLES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt",
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
-
-def write_yaml(path: Path, config: dict) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(folder: Path) -> set[Path]:

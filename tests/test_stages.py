@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import tiny
+from tiny import run_cli as run, write_jsonl, write_yaml
 from modpo.cli import main
 from modpo.run_config import StageConfig
 
@@ -49,19 +49,13 @@ def data(tmp_path_factory) -> dict[str, str]:
             for name, rows in (("pairs", pairs), ("margins", with_margins), ("scored", scored), ("sft", sft))}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
 
 def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_config(folder: Path, name: str, config: dict) -> str:
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    return write_yaml(folder / f"{name}.yaml", config)
 
 
 def stage_config(folder: Path, base: str, train_data, **keys) -> tuple[str, Path, dict]:
@@ -70,11 +64,6 @@ def stage_config(folder: Path, base: str, train_data, **keys) -> tuple[str, Path
               "training": {**TRAINING, **keys.pop("training", {})}, **keys}
     return write_config(folder, "stage", config), out, config
 
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train_ok(capsys, command: str, config: str, *extra: str) -> Path:

@@ -5,9 +5,12 @@ Everything is built locally from scratch (no hub access), small enough to run in
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import torch
+import yaml
 
 from modpo.models import tiny_causal_lm, word_tokenizer
 
@@ -71,3 +74,23 @@ def save(model_, tok, path) -> str:
     model_.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return str(path)
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    """Rows as JSONL (a str row is written as the raw line); returns the path as str."""
+    Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def write_yaml(path: Path, config: dict) -> str:
+    Path(path).write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`modpo ARGV` in-process: (exit code, stdout, stderr)."""
+    from modpo.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
