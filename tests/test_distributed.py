@@ -165,6 +165,69 @@ def test_trainer_turns_chunked_logps_off_under_sharding(tmp_path, caplog):
     assert explicit.args.chunked_logps is True  # one process: no DDP wrapper, nothing to turn off
 
 
+# ------------------------------------------------------------------------------ ZeRO-3: models load whole
+
+class ZeRO3Registered:
+    """What transformers finds registered once training arguments for a ZeRO-3 config exist (an HfDeepSpeedConfig):
+    from then on `from_pretrained` builds models already partitioned over the processes (deepspeed.zero.Init)."""
+
+    config = {"zero_optimization": {"stage": 3}}
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+class Captured(Exception):
+    pass
+
+
+def test_models_for_the_precompute_load_whole_under_zero3(tmp_path, monkeypatch):
+    """`modpo train` under a ZeRO-3 config: the policy, reference and margin models it precomputes with load
+    whole (a plain forward pass and a weights fingerprint need every weight), and the ZeRO-3 config stays
+    registered for the engine that partitions the policy when training starts."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from modpo.models import load_model
+    from modpo.run_config import StageConfig
+    from modpo.stages import run_preference
+
+    tok = tiny.tokenizer()
+    base = tiny.save(tiny.model(len(tok), seed=0), tok, tmp_path / "base")
+    dpo = tiny.save(tiny.model(len(tok), seed=1), tok, tmp_path / "dpo")
+    data = tiny.write_jsonl(tmp_path / "pairs.jsonl", tiny.rows(4, seed=1))
+    config = StageConfig(model=base, ref_model=base, output_dir=str(tmp_path / "out"), train_data=data,
+                         margins=[{"type": "implicit_reward", "model": dpo, "ref_model": base}],
+                         training={"use_cpu": True, "report_to": [], "weights": [0.5, 0.5]})
+    seen = {}
+
+    def capture(self, model, ref_model=None, margin_rewards=None, **kwargs):
+        seen.update(policy=model, reference=ref_model, margin_model=margin_rewards[0].model,
+                    margin_reference=margin_rewards[0].ref_model, zero3_after_loading=hf_deepspeed.is_deepspeed_zero3_enabled())
+        raise Captured
+
+    monkeypatch.setattr(MODPOTrainer, "__init__", capture)
+    registered = ZeRO3Registered()
+    hf_deepspeed.set_hf_deepspeed_config(registered)
+    try:
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:  # control: a plain load now asks for DeepSpeed's partitioning
+            with pytest.raises(ImportError, match="deepspeed"):
+                load_model(base)
+        with pytest.raises(Captured):
+            run_preference(config)
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    expected = {name: p for name, p in tiny.model(len(tok), seed=0).state_dict().items()}
+    for role in ("policy", "reference", "margin_reference"):
+        assert seen[role].state_dict().keys() == expected.keys(), role
+        for name, value in seen[role].state_dict().items():
+            assert torch.equal(value, expected[name]), (role, name)
+    assert not torch.equal(seen["margin_model"].model.embed_tokens.weight, expected["model.embed_tokens.weight"])
+    assert seen["zero3_after_loading"] is True
+
+
 # ------------------------------------------------------------------------- mixed precision of the precompute
 
 @pytest.mark.parametrize("source", ["accelerate", "bf16_flag"])

@@ -125,9 +125,10 @@ def length_penalty(prompt, response) -> float:
 def _load(kind: str, model, **kwargs):
     if not isinstance(model, str):
         return model
-    from modpo.models import load_model
+    from modpo.models import load_model, whole_weights
 
-    return load_model(model, kind=kind, **kwargs)
+    with whole_weights():  # scored with plain forward passes, also under ZeRO-3
+        return load_model(model, kind=kind, **kwargs)
 
 
 class RewardModelMargins(MarginSource):

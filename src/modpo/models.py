@@ -5,6 +5,7 @@ Safe by default: weights load through safetensors, `trust_remote_code` is off un
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -76,6 +77,29 @@ def _adapter_head_size(folder: Path) -> int | None:
             if key.endswith(("score.weight", "classifier.weight")) or ".score." in key and key.endswith("weight"):
                 return f.get_slice(key).get_shape()[0]
     return None
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Models loaded inside this block hold all their weights, even where a DeepSpeed ZeRO-3 config is active.
+
+    transformers registers a ZeRO-3 config as soon as training arguments for it exist, and `from_pretrained` then
+    builds the model already partitioned over the processes (`deepspeed.zero.Init`). MODPO's reference and margin
+    precompute run plain forward passes before any DeepSpeed engine exists, and fingerprint the weights, so they
+    need every weight in each process; the engine partitions the policy later, when training starts.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = registered() if registered is not None else None
+    if config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | None = None,

@@ -274,7 +274,7 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
 def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False, overwrite: bool = False) -> Path:
     """MODPO (`stage="train"`) or DPO (`stage="dpo"`: weights [1.0], no margins)."""
     from modpo.config import MODPOConfig
-    from modpo.models import load_model
+    from modpo.models import load_model, whole_weights
     from modpo.trainer import MODPOTrainer
 
     if stage == "dpo":
@@ -284,11 +284,12 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
         return Path(cfg.output_dir)
     started = time.time()
     args = trainer_args(MODPOConfig, cfg)
-    model, tokenizer = _load(cfg)
-    ref_model = load_model(cfg.ref_model, dtype=cfg.dtype) if cfg.ref_model else None
+    with whole_weights():  # the precompute runs plain forward passes on them, also under ZeRO-3
+        model, tokenizer = _load(cfg)
+        ref_model = load_model(cfg.ref_model, dtype=cfg.dtype) if cfg.ref_model else None
+        sources = margin_sources(cfg.margins, tokenizer, args.max_length, prefix_sharing=args.prefix_sharing)
     train, train_name = load_data(cfg.train_data, "train_data")
     evaluation, eval_name = load_data(cfg.eval_data, "eval_data")
-    sources = margin_sources(cfg.margins, tokenizer, args.max_length, prefix_sharing=args.prefix_sharing)
     trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
                            data_names=(train_name, eval_name))

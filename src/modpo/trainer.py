@@ -181,14 +181,15 @@ class MODPOTrainer(Trainer):
     def __init__(self, model, ref_model=None, args: MODPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, margin_rewards=None, peft_config=None, data_names=(None, None), **kwargs):
         """`data_names` (train, eval) name the data in error messages, e.g. the files they were read from."""
-        from modpo.models import load_model, load_tokenizer
+        from modpo.models import load_model, load_tokenizer, whole_weights
 
         args = args or MODPOConfig(output_dir="modpo-output")
-        if isinstance(model, str):
-            processing_class = processing_class or load_tokenizer(model)
-            model = load_model(model)
-        if isinstance(ref_model, str):
-            ref_model = load_model(ref_model)
+        with whole_weights():  # the precompute runs plain forward passes on them, also under ZeRO-3
+            if isinstance(model, str):
+                processing_class = processing_class or load_tokenizer(model)
+                model = load_model(model)
+            if isinstance(ref_model, str):
+                ref_model = load_model(ref_model)
         if processing_class is None:
             raise ConfigError("MODPOTrainer needs processing_class (the tokenizer)")
         if processing_class.pad_token_id is None:
