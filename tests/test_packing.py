@@ -264,17 +264,71 @@ def test_flash_path_plumbing_and_its_alignment_check(monkeypatch, caplog, bottom
 
     kernel = fake_flash(bottom_right)
     monkeypatch.setattr(packing, "flash_kernel", lambda q: kernel)
-    check = packing._flash_aligns_bottom_right
-    check.cache_clear()  # checked once per kernel, device and dtype: start afresh
+    monkeypatch.setattr(packing, "_BOTTOM_RIGHT", {})  # checked once per kernel, device and dtype: start afresh
     model = qwen2(32)  # 4 query heads over 2 key/value heads
     expected = per_sequence(model).detach()
     with caplog.at_level("WARNING", logger="modpo.packing"):
         values, _ = scored(model, {"prefix_sharing": True}, chunked=True)
     assert torch.allclose(values, expected, atol=1e-5)
     assert ("does not align causal masks bottom-right" in caplog.text) is (not bottom_right)
+    assert list(packing._BOTTOM_RIGHT.values()) == [bottom_right]
     if not bottom_right:  # the check is what saves the result: the kernel alone gets rejected responses wrong
+        monkeypatch.setattr(packing, "_BOTTOM_RIGHT", {})
         monkeypatch.setattr(packing, "_flash_aligns_bottom_right", lambda *args: True)
         wrong, _ = scored(model, {"prefix_sharing": True}, chunked=True)
         assert torch.allclose(wrong[:4], expected[:4], atol=1e-5)  # chosen: equal numbers of queries and keys
         assert not torch.allclose(wrong[4:], expected[4:], atol=1e-3)
-    check.cache_clear()
+
+
+_OPAQUE_FLASH = []
+
+
+def opaque_flash():
+    """fake_flash(bottom_right=True) behind a PyTorch custom op: opaque to torch.compile, as the real kernel is."""
+    if not _OPAQUE_FLASH:
+        eager = fake_flash(True)
+
+        @torch.library.custom_op("modpo_tests::varlen_attn", mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+               max_k: int, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+            return eager(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=enable_gqa)
+
+        @op.register_fake
+        def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, enable_gqa):
+            return torch.empty_like(q)
+
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                        enable_gqa=False):
+            assert window_size == (-1, 0)
+            return op(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, enable_gqa)
+
+        _OPAQUE_FLASH.append(varlen_attn)
+    return _OPAQUE_FLASH[0]
+
+
+def test_prefix_sharing_traces_as_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) traces a prefix-sharing forward through the flash branch with no graph break
+    (the kernel's alignment check runs before the model, in `sequence_logps`, not inside each attention layer),
+    for batches of new lengths, with the eager values."""
+    import random
+
+    import modpo.packing as packing
+
+    monkeypatch.setattr(packing, "flash_kernel", lambda q: opaque_flash())
+    monkeypatch.setattr(packing, "_BOTTOM_RIGHT", {})
+    torch._dynamo.reset()
+    model = qwen2(40)
+    use_padding_free(model, prefix_sharing=True)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    rng = random.Random(0)
+    for _ in range(3):
+        words = lambda low, high: [rng.randint(4, 39) for _ in range(rng.randint(low, high))]
+        prompts, chosen, rejected = [[1] + words(2, 12) for _ in range(3)], [words(1, 9) + [2] for _ in range(3)], \
+            [words(1, 9) + [2] for _ in range(3)]
+        batch = concatenated_inputs(prompts, chosen, rejected, 0, prefix_sharing=True)
+        with torch.no_grad():
+            traced = sequence_logps(compiled, num_sequences=6, **batch)
+            eager = sequence_logps(model, num_sequences=6, **batch)
+        assert torch.allclose(traced, eager, atol=1e-5)
+    assert list(packing._BOTTOM_RIGHT.values()) == [True]
+    torch._dynamo.reset()

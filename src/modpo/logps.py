@@ -145,6 +145,10 @@ def sequence_logps(
         score_positions, score_targets, score_sequences = scoring_from_response_mask(input_ids, response_mask).values()
         num_sequences = input_ids.shape[0]
     model_inputs.pop("sequence_index", None)  # which sequence each token belongs to: bookkeeping, not a model input
+    if "rejected_offset" in model_inputs:  # prefix sharing: decide the attention kernel before a compiled forward
+        from modpo.packing import check_flash_alignment
+
+        check_flash_alignment(input_ids.device, _compute_dtype(next(model.parameters())))
     head = _output_head(model) if chunked else None
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **model_inputs}
     if head is not None:

@@ -161,10 +161,9 @@ def _sdpa_varlen(q, k, v, cu_q, cu_k, scale: float | None) -> torch.Tensor:
     return torch.cat(pieces)
 
 
-@functools.cache
 def _flash_aligns_bottom_right(kernel, device: torch.device, dtype: torch.dtype) -> bool:
     """Does the flash kernel align causal masks bottom-right when a segment has fewer queries than keys?
-    Checked once per device and dtype on a small random case, against SDPA with the explicit mask."""
+    Checked on a small random case, against SDPA with the explicit mask."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, 2, 64, generator=generator).to(device, dtype) for n in (3, 7, 7))
     cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device=device) for n in (3, 7))
@@ -178,6 +177,26 @@ def _flash_aligns_bottom_right(kernel, device: torch.device, dtype: torch.dtype)
     return aligned
 
 
+# (kernel, device, dtype) -> whether the kernel aligns causal masks bottom-right: checked once each. `sequence_logps`
+# fills it before the model runs (`check_flash_alignment`), so that a compiled forward only reads a dict: the check
+# itself (host syncs, a per-segment loop) would break torch.compile's graph inside every attention layer.
+_BOTTOM_RIGHT: dict = {}
+
+
+def _aligns_bottom_right(kernel, device: torch.device, dtype: torch.dtype) -> bool:
+    key = (kernel, device, dtype)
+    if key not in _BOTTOM_RIGHT:
+        _BOTTOM_RIGHT[key] = _flash_aligns_bottom_right(kernel, device, dtype)
+    return _BOTTOM_RIGHT[key]
+
+
+def check_flash_alignment(device: torch.device, dtype: torch.dtype) -> None:
+    """Run the flash kernel's alignment check for `device` and `dtype` now, outside the model's forward."""
+    kernel = flash_kernel(torch.empty(0, device=device, dtype=dtype))
+    if kernel is not None:
+        _aligns_bottom_right(kernel, torch.device(device), dtype)
+
+
 def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
     """Causal attention over packed segments: (T_q, H, D) queries, (T_k, H_kv, D) keys/values -> (T_q, H, D).
 
@@ -187,7 +206,7 @@ def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | No
     in half precision; per-segment SDPA elsewhere.
     """
     kernel = flash_kernel(q)
-    if kernel is not None and (cu_q is cu_k or _flash_aligns_bottom_right(kernel, q.device, q.dtype)):
+    if kernel is not None and (cu_q is cu_k or _aligns_bottom_right(kernel, q.device, q.dtype)):
         return _flash_varlen(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scale)
     return _sdpa_varlen(q, k, v, cu_q, cu_k, scale)
 
