@@ -17,7 +17,6 @@ import pytest
 
 import tiny
 from tiny import run_cli as run, write_jsonl, write_yaml as write_config
-from modpo.cli import main
 
 TRAINING = {"use_cpu": True, "report_to": [], "save_strategy": "no", "max_steps": 1,
             "per_device_train_batch_size": 2, "disable_tqdm": True, "logging_steps": 1}
@@ -242,6 +241,8 @@ WEIGHT_CASES = [
     ("weights_w0_zero", "[0.0, 1.0]", ["training:", "weights[0] = 0.0 must be > 0"]),
     ("weights_empty", "[]", ["training:", "weights is empty"]),
     ("weights_not_summing_to_1", "[0.5, 0.4]", ["training:", "sum to 0.9", "simplex"]),
+    ("weights_a_number", "0.5", ["training:", "weights = 0.5: expected a list", "e.g. [0.3, 0.7]"]),
+    ("weights_without_brackets", "0.3,0.7", ["training:", "weights = '0.3,0.7': expected a list"]),
 ]
 
 
@@ -309,6 +310,13 @@ def test_other_bad_modpo_settings(capsys, tmp_path, base, key, value, fragment):
     assert_fails(capsys, ["train", "--config", config, f"training.{key}={value}"], out, "training: ", fragment)
 
 
+def test_label_smoothing_with_the_hinge_loss(capsys, tmp_path, base):
+    data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    config, out = train_config(tmp_path, base, data, training={"loss_type": "hinge", "label_smoothing": 0.1})
+    assert_fails(capsys, ["train", "--config", config], out, "training: ",
+                 "label_smoothing = 0.1 applies to loss_type 'sigmoid' only, not 'hinge'")
+
+
 def test_learning_rate_in_exponent_notation(capsys, tmp_path, base):
     """`training.learning_rate=1e-3` must either train with 0.001 or fail with one line naming the key."""
     data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
@@ -353,6 +361,50 @@ def test_unknown_hub_model_offline(capsys, tmp_path):
     config, out = train_config(tmp_path, "modpo-test-nonexistent-org/no-such-model", data)
     assert_fails(capsys, ["train", "--config", config], out, "cannot load a tokenizer from",
                  "modpo-test-nonexistent-org/no-such-model")
+
+
+def test_relative_path_that_does_not_exist(capsys, tmp_path):
+    """`runs/sft` could be a hub id as well as a folder: the line says that no such folder exists."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    config, out = train_config(tmp_path, "modpo-test-no-such-dir/sft", data)
+    assert_fails(capsys, ["train", "--config", config], out, "cannot load a tokenizer from modpo-test-no-such-dir/sft",
+                 "no local file or folder of that name")
+
+
+def test_unknown_dtype(capsys, tmp_path, base):
+    data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    config, out = train_config(tmp_path, base, data, dtype="bf15")
+    assert_fails(capsys, ["train", "--config", config], out, "dtype 'bf15': expected one of", "bf16")
+
+
+@pytest.mark.parametrize("holds", ["model_only", "tokenizer_only", "nothing"])
+def test_model_folder_missing_parts(capsys, tmp_path, holds):
+    tok = tiny.tokenizer()
+    folder = tmp_path / "incomplete"
+    folder.mkdir()
+    if holds == "model_only":
+        tiny.model(len(tok)).save_pretrained(folder)
+    elif holds == "tokenizer_only":
+        tok.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    config, out = train_config(tmp_path, str(folder), data)
+    what = "a model" if holds == "tokenizer_only" else "a tokenizer"
+    assert_fails(capsys, ["train", "--config", config], out, f"cannot load {what} from {folder}: ")
+
+
+def test_lora_target_modules_the_model_lacks(capsys, tmp_path, base):
+    data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    config, out = train_config(tmp_path, base, data, lora={"r": 4, "target_modules": ["qproj"]})
+    assert_fails(capsys, ["train", "--config", config], out, "lora: ", "qproj")
+
+
+def test_reward_model_margin_without_a_trained_head(capsys, tmp_path, base):
+    """A causal LM where a reward model is meant: transformers would score with a random head; refused."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    config, out = train_config(tmp_path, base, data, training={"weights": [0.5, 0.5]},
+                               margins=[{"type": "reward_model", "model": base, "outputs": [0]}])
+    assert_fails(capsys, ["train", "--config", config], out, "margins[0]", f"{base} holds no trained classification "
+                 "head (missing score.weight)")
 
 
 def test_unknown_margin_type(capsys, tmp_path, base):

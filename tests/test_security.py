@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import modpo
 import tiny

@@ -171,6 +171,41 @@ def test_different_config_into_the_same_output_dir(capsys, tmp_path, base, data)
     assert record["config_hash"] != json.loads(before)["config_hash"]
 
 
+def test_changed_inputs_are_not_reused(capsys, monkeypatch, tmp_path, base, data):
+    """A rerun reuses the finished run only while its data and models hold what they held: the same bytes
+    (a file touched or rewritten unchanged is reused), not just the same paths."""
+    import shutil
+
+    from modpo.trainer import MODPOTrainer
+
+    pairs = Path(shutil.copy(data["pairs"], tmp_path / "pairs.jsonl"))
+    config, out, raw = stage_config(tmp_path, base, str(pairs), training={"weights": [1.0]})
+    train_ok(capsys, "dpo", config)
+    record = json.loads((out / "modpo_run.json").read_text())
+    assert set(record["inputs"]) == {base, str(pairs)}
+    assert record["inputs"][str(pairs)].startswith("sha256 ")
+    pairs.write_bytes(pairs.read_bytes())  # same content, new modification time
+    assert_rerun_is_noop(capsys, monkeypatch, "dpo", config, out, MODPOTrainer)
+    monkeypatch.undo()
+
+    rows = read_jsonl(str(pairs))
+    write_jsonl(pairs, [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows])
+    before = (out / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "dpo", "--config", config)
+    assert code == 2
+    assert err.strip().splitlines() == [f"modpo: error: {out} holds this dpo run trained on inputs that have changed "
+                                        f"since ({pairs}); pass --overwrite to train again"]
+    assert (out / "model.safetensors").read_bytes() == before
+    train_ok(capsys, "dpo", config, "--overwrite")
+    assert (out / "model.safetensors").read_bytes() != before  # trained again, on the swapped pairs
+    assert json.loads((out / "modpo_run.json").read_text())["config_hash"] != record["config_hash"]
+
+    (out / "modpo_run.json").write_text('{"stage": "dpo", "conf')  # a torn record
+    code, _, err = run(capsys, "dpo", "--config", config)
+    assert code == 2 and err.strip().splitlines() == [
+        f"modpo: error: {out / 'modpo_run.json'}: unreadable run record; pass --overwrite to train into {out} again"]
+
+
 def test_reward(capsys, monkeypatch, tmp_path, base, data):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import RewardTrainer

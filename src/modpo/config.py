@@ -53,5 +53,8 @@ class MODPOConfig(TrainingArguments):
             raise ValueError(f"loss_type = {self.loss_type!r}; expected one of {LOSS_TYPES}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing = {self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing = {self.label_smoothing} applies to loss_type 'sigmoid' only, "
+                             f"not {self.loss_type!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length = {self.max_length} must be at least 2")

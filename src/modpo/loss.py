@@ -28,7 +28,12 @@ LOSS_TYPES = ("sigmoid", "hinge")
 
 def validate_weights(weights: Sequence[float] | torch.Tensor, num_objectives: int | None = None) -> list[float]:
     """Return `weights` as a list of floats, or raise ValueError saying what is wrong with them."""
-    raw = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    if isinstance(weights, torch.Tensor):
+        raw = weights.tolist()
+    elif isinstance(weights, (list, tuple)):
+        raw = list(weights)
+    else:
+        raise ValueError(f"weights = {weights!r}: expected a list with one number per objective, e.g. [0.3, 0.7]")
     values = []
     for k, w in enumerate(raw):
         if isinstance(w, bool) or not isinstance(w, (int, float)):

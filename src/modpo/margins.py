@@ -128,7 +128,7 @@ def _load(kind: str, model, **kwargs):
     from modpo.models import load_model, whole_weights
 
     with whole_weights():  # scored with plain forward passes, also under ZeRO-3
-        return load_model(model, kind=kind, **kwargs)
+        return load_model(model, kind=kind, trained_head=kind == "reward", **kwargs)
 
 
 class RewardModelMargins(MarginSource):

@@ -6,7 +6,6 @@ Safe by default: weights load through safetensors, `trust_remote_code` is off un
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -39,6 +38,14 @@ def _check_exists(path: str) -> None:
         raise ConfigError(f"model path {path} does not exist")
 
 
+def _cannot_load(what: str, path: str, err: Exception) -> ConfigError:
+    """One line for a failed load; a path that is no local folder was tried as a hub id, and the line says so."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if not Path(resolve(path)[0]).expanduser().exists():
+        reason = f"no local file or folder of that name, and as a hub id: {reason}"
+    return ConfigError(f"cannot load {what} from {path}: {reason}")
+
+
 def _refuse_remote_code(path: str, err: ValueError) -> None:
     """transformers' refusal to run a model's own code (trust_remote_code off) as one line for the CLI."""
     if "trust_remote_code" in str(err):
@@ -53,11 +60,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     _check_exists(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise ConfigError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         _refuse_remote_code(path, err)
-        raise
+        raise _cannot_load("a tokenizer", path, err) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer of {path} has neither a pad nor an eos token; set one")
@@ -102,19 +107,26 @@ def whole_weights():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+DTYPES = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
 def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | None = None,
-               trust_remote_code: bool = False, num_labels: int | None = None):
+               trust_remote_code: bool = False, num_labels: int | None = None, trained_head: bool = False):
     """A causal LM (`kind="causal_lm"`) or sequence classifier (`kind="reward"`) from a path.
 
     A folder holding a PEFT adapter loads base + adapter (the adapter stays separate, so it can be disabled).
+    `trained_head`: refuse a classifier whose head the folder does not hold (transformers would initialise it
+    at random), e.g. a causal LM given where a reward model is meant to score.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder, gguf = resolve(path)
     _check_exists(folder)
     if isinstance(dtype, str):
-        dtype = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     if (Path(folder) / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
@@ -126,13 +138,15 @@ def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | No
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     try:
-        model = cls.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    use_safetensors=None if gguf else True, **kwargs)
-    except OSError as err:
-        raise ConfigError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
-    except ValueError as err:
+        model, loading = cls.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code,
+                                             use_safetensors=None if gguf else True, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as err:
         _refuse_remote_code(path, err)
-        raise
+        raise _cannot_load("a model", path, err) from None
+    missing = loading.get("missing_keys") or []
+    if trained_head and missing:
+        raise ConfigError(f"{path} holds no trained classification head (missing {', '.join(sorted(missing)[:3])}): "
+                          "a reward model must be a sequence-classification model, e.g. the output of `modpo reward`")
     if gguf:  # GGUF weights arrive dequantized; drop the marker so the model can be saved normally
         model.config.quantization_config = None
         if hasattr(model, "hf_quantizer"):

@@ -7,10 +7,11 @@ its presence marks a finished run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -61,9 +62,10 @@ def as_chat_messages(dataset):
     return dataset.map(convert, desc="chat format")
 
 
-def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing: bool = False):
-    """Margin reward sources from their config mappings (see StageConfig.margins). Implicit rewards share
-    each pair's prompt when training does (`prefix_sharing`), unless their mapping says otherwise."""
+def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing: bool = False, append_eos: bool = True):
+    """Margin reward sources from their config mappings (see StageConfig.margins). Implicit rewards score responses
+    as training does (with an eos when `append_eos`) and share each pair's prompt when training does
+    (`prefix_sharing`), unless their mapping says otherwise."""
     from modpo import margins as m
 
     sources = []
@@ -77,6 +79,7 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing
                                                        beta=float(spec.pop("beta", 0.1)), max_length=max_length,
                                                        tokenizer=tokenizer if spec.pop("same_tokenizer", True) else None,
                                                        prefix_sharing=bool(spec.pop("prefix_sharing", prefix_sharing)),
+                                                       append_eos=bool(spec.pop("append_eos", append_eos)),
                                                        **spec))
             elif kind == "reward_model":
                 sources.append(m.RewardModelMargins(spec.pop("model"), outputs=spec.pop("outputs", None),
@@ -115,7 +118,7 @@ def _as_field_type(config_cls, key: str, value):
     """YAML 1.1 reads `1e-3` as text: give numeric fields numbers, with a one-line error if it is not one."""
     field = next(f for f in dataclasses.fields(config_cls) if f.name == key)
     kind = str(field.type)
-    if not isinstance(value, str) or not any(t in kind for t in ("float", "int")) or "str" in kind:
+    if not isinstance(value, str) or not any(t in kind for t in ("float", "int")) or "str" in kind or "list" in kind:
         return value
     try:
         number = float(value)
@@ -124,18 +127,80 @@ def _as_field_type(config_cls, key: str, value):
     return int(number) if "int" in kind and "float" not in kind and number.is_integer() else number
 
 
-def check_output_dir(cfg: StageConfig, stage: str, overwrite: bool) -> bool:
-    """True if output_dir already holds this exact finished run; refuse one that holds a different run."""
+# Files of a model folder that say what the model is (weights, config, tokenizer); not modpo's own records.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".json", ".txt", ".model", ".jinja")
+NOT_MODEL_FILES = {RUN_FILE, "evaluation.json", "trainer_state.json"}
+HASHED_FILE_BYTES = 256 << 20  # larger files are identified by size and modification time
+
+
+def _file_stamp(path: Path) -> str:
+    stat = path.stat()
+    if stat.st_size > HASHED_FILE_BYTES:
+        return f"size {stat.st_size}, modified {stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256 " + digest.hexdigest()
+
+
+def input_stamp(path: str):
+    """What a model or data path holds now: a file's content hash (size and modification time above 256 MiB), a
+    folder's model files each so, or None for what is not local (a hub id)."""
+    from modpo.models import resolve
+
+    folder, gguf = resolve(path)
+    where = Path(folder).expanduser() / gguf if gguf else Path(folder).expanduser()
+    if where.is_file():
+        return _file_stamp(where)
+    if where.is_dir():
+        return {f.name: _file_stamp(f) for f in sorted(where.iterdir())
+                if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES and f.name not in NOT_MODEL_FILES}
+    return None
+
+
+def stage_inputs(cfg: StageConfig) -> dict:
+    """Stamps of every model and data path the stage reads (`input_stamp`), keyed by the path as configured."""
+    paths = [cfg.model, cfg.ref_model, cfg.tokenizer]
+    for data in (cfg.train_data, cfg.eval_data):
+        paths.append(data.get("path") if isinstance(data, dict) else data)
+    for margin in cfg.margins:
+        if isinstance(margin, dict):
+            paths += [margin.get("model"), margin.get("ref_model")]
+    return {path: input_stamp(path) for path in dict.fromkeys(paths) if isinstance(path, str) and path}
+
+
+def run_identity(cfg: StageConfig, stage: str) -> dict:
+    """What a finished run is: the stage, its full config and the contents of its inputs. `config_hash` hashes it."""
+    inputs = stage_inputs(cfg)
+    return {"config_hash": stable_hash({"stage": stage, **dataclasses.asdict(cfg), "inputs": inputs}),
+            "inputs": inputs}
+
+
+def check_output_dir(cfg: StageConfig, stage: str, overwrite: bool, identity: dict) -> bool:
+    """True if output_dir already holds this exact finished run (same config, same input contents); refuse one that
+    holds a different run, or this config trained on inputs that have changed since, unless `overwrite`."""
     run_file = Path(cfg.output_dir) / RUN_FILE
     if not run_file.exists():
         return False
-    previous = json.loads(run_file.read_text())
-    if previous.get("config_hash") == stable_hash({"stage": stage, **dataclasses.asdict(cfg)}):
+    try:
+        previous = json.loads(run_file.read_text())
+    except ValueError:
+        if overwrite:
+            return False
+        raise ConfigError(f"{run_file}: unreadable run record; pass --overwrite to train into {cfg.output_dir} "
+                          "again") from None
+    if previous.get("config_hash") == identity["config_hash"]:
         return True
-    if not overwrite:
-        raise ConfigError(f"{cfg.output_dir} already holds a different {previous.get('stage', '?')} run; "
-                          "choose another output_dir or pass --overwrite")
-    return False
+    if overwrite:
+        return False
+    if previous.get("stage") == stage and previous.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg))):
+        before = previous.get("inputs") or {}
+        changed = [path for path, stamp in identity["inputs"].items() if before.get(path) != stamp]
+        raise ConfigError(f"{cfg.output_dir} holds this {stage} run trained on inputs that have changed since "
+                          f"({', '.join(changed) or 'unknown'}); pass --overwrite to train again")
+    raise ConfigError(f"{cfg.output_dir} already holds a different {previous.get('stage', '?')} run; "
+                      "choose another output_dir or pass --overwrite")
 
 
 def resume_from(cfg: StageConfig, resume: bool):
@@ -169,7 +234,7 @@ def resume_from(cfg: StageConfig, resume: bool):
     return str(folder)
 
 
-def finish(trainer, cfg: StageConfig, stage: str, started: float, extra: dict) -> Path:
+def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict, extra: dict) -> Path:
     """Save the model, its card and the run record (last, atomically)."""
     out = Path(cfg.output_dir)
     trainer.save_model(str(out))  # collective under DeepSpeed/FSDP: every process takes part
@@ -180,8 +245,9 @@ def finish(trainer, cfg: StageConfig, stage: str, started: float, extra: dict) -
     args = trainer.args
     record = {
         "stage": stage,
-        "config_hash": stable_hash({"stage": stage, **dataclasses.asdict(cfg)}),
+        "config_hash": identity["config_hash"],
         "config": dataclasses.asdict(cfg),
+        "inputs": identity["inputs"],
         "seed": args.seed,
         "train_data": cfg.train_data,
         "margins": cfg.margins,
@@ -229,11 +295,24 @@ def _lora(cfg: StageConfig, task_type: str):
         raise ConfigError(f"lora: {err}") from None
 
 
+@contextlib.contextmanager
+def lora_errors(cfg: StageConfig):
+    """peft's refusals of the LoRA settings, raised inside TRL's trainers (e.g. target modules the model lacks),
+    as one-line errors."""
+    try:
+        yield
+    except ValueError as err:
+        if cfg.lora and type(err).__module__.startswith("peft"):
+            raise ConfigError(f"lora: {str(err).splitlines()[0]}") from None
+        raise
+
+
 def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Supervised fine-tuning with TRL's SFTTrainer (prompt/completion or messages data)."""
     from trl import SFTConfig, SFTTrainer
 
-    if check_output_dir(cfg, "sft", overwrite):
+    identity = run_identity(cfg, "sft")
+    if check_output_dir(cfg, "sft", overwrite, identity):
         return Path(cfg.output_dir)
     started = time.time()
     args = trainer_args(SFTConfig, cfg)
@@ -245,10 +324,11 @@ def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> 
     check_sft_rows(train, train_name)
     if evaluation is not None:
         check_sft_rows(evaluation, eval_name)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=_lora(cfg, "CAUSAL_LM"))
+    with lora_errors(cfg):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                             processing_class=tokenizer, peft_config=_lora(cfg, "CAUSAL_LM"))
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
-    return finish(trainer, cfg, "sft", started, {})
+    return finish(trainer, cfg, "sft", started, identity, {})
 
 
 def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -258,17 +338,19 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     if cfg.num_labels != 1:
         raise ConfigError(f"num_labels = {cfg.num_labels}: TRL's RewardTrainer trains one Bradley-Terry output; train one "
                           "reward model per objective (a multi-output model from elsewhere still works as a margin source)")
-    if check_output_dir(cfg, "reward", overwrite):
+    identity = run_identity(cfg, "reward")
+    if check_output_dir(cfg, "reward", overwrite, identity):
         return Path(cfg.output_dir)
     started = time.time()
     args = trainer_args(RewardConfig, cfg)
     model, tokenizer = _load(cfg, kind="reward", num_labels=cfg.num_labels)
     train, _ = load_data(cfg.train_data, "train_data")
     evaluation, _ = load_data(cfg.eval_data, "eval_data")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                            processing_class=tokenizer, peft_config=_lora(cfg, "SEQ_CLS"))
+    with lora_errors(cfg):
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                processing_class=tokenizer, peft_config=_lora(cfg, "SEQ_CLS"))
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
-    return finish(trainer, cfg, "reward", started, {})
+    return finish(trainer, cfg, "reward", started, identity, {})
 
 
 def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False, overwrite: bool = False) -> Path:
@@ -280,21 +362,23 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     if stage == "dpo":
         if cfg.margins or cfg.training.get("weights", [1.0]) != [1.0]:
             raise ConfigError("dpo: a DPO run has one objective; use `modpo train` for margins and weights")
-    if check_output_dir(cfg, stage, overwrite):
+    identity = run_identity(cfg, stage)
+    if check_output_dir(cfg, stage, overwrite, identity):
         return Path(cfg.output_dir)
     started = time.time()
     args = trainer_args(MODPOConfig, cfg)
     with whole_weights():  # the precompute runs plain forward passes on them, also under ZeRO-3
         model, tokenizer = _load(cfg)
         ref_model = load_model(cfg.ref_model, dtype=cfg.dtype) if cfg.ref_model else None
-        sources = margin_sources(cfg.margins, tokenizer, args.max_length, prefix_sharing=args.prefix_sharing)
+        sources = margin_sources(cfg.margins, tokenizer, args.max_length, prefix_sharing=args.prefix_sharing,
+                                 append_eos=args.append_eos)
     train, train_name = load_data(cfg.train_data, "train_data")
     evaluation, eval_name = load_data(cfg.eval_data, "eval_data")
     trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
                            data_names=(train_name, eval_name))
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
-    return finish(trainer, cfg, stage, started,
+    return finish(trainer, cfg, stage, started, identity,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
                    "token_counts": trainer.token_counts,
                    "margin_sources": [s.describe() for s in sources] or (
@@ -305,7 +389,3 @@ STAGES = {"sft": run_sft, "reward": run_reward,
           "dpo": lambda cfg, **kw: run_preference(cfg, "dpo", **kw),
           "train": lambda cfg, **kw: run_preference(cfg, "train", **kw)}
 
-
-def environment() -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -199,7 +199,10 @@ class MODPOTrainer(Trainer):
             from transformers import set_seed
 
             set_seed(args.seed)  # adapter initialisation follows the run's seed, as the Trainer's own setup does
-            model = get_peft_model(model, peft_config)
+            try:
+                model = get_peft_model(model, peft_config)
+            except ValueError as err:  # e.g. target modules the model does not have
+                raise ConfigError(f"lora: {str(err).splitlines()[0]}") from None
         disable_dropout(model)
         self.margin_sources = list(margin_rewards or [])
         with args.main_process_first(desc="precompute"):

@@ -381,7 +381,7 @@ def _fmt_tokens(n: int) -> str:
 
 def comparison_markdown(summary: dict, records: dict, shared: dict, meta: dict, objectives, reference) -> str:
     ref = ", ".join(f"{r:g}" for r in reference)
-    lines = [f"# MODPO and baselines on the synthetic demo task", "",
+    lines = ["# MODPO and baselines on the synthetic demo task", "",
              f"Weights w = (w_helpful, 1 - w_helpful), w_helpful in {meta['weights']}; every point scored by "
              f"{meta['evaluator']} on {meta['num_prompts']} prompts x {meta['sampling']['samples_per_prompt']} samples "
              f"(temperature {meta['sampling']['temperature']:g}). Hypervolume: reference point [{ref}], objectives "
@@ -418,7 +418,7 @@ def comparison_markdown(summary: dict, records: dict, shared: dict, meta: dict, 
         detail = ", ".join(f"{k} {_fmt_tokens(v) if isinstance(v, int) else v}" for k, v in c.get("token_detail", {}).items())
         lines.append(f"- {LABELS.get(method, method)}: {c.get('note', '')}" + (f" (tokens: {detail})" if detail else ""))
     if "sft" in meta:
-        lines += ["", f"Reference: the SFT model scores "
+        lines += ["", "Reference: the SFT model scores "
                   + ", ".join(f"{o} {meta['sft'][o]['mean']:.3f} ± {meta['sft'][o]['stderr']:.3f}" for o in objectives) + "."]
     for method, record in records.items():
         lines += ["", f"## {LABELS.get(method, method)}", "",
