@@ -282,3 +282,29 @@ def test_front_redoes_only_a_deleted_point(capsys, monkeypatch, front):
     for old, new in zip(points, redone):
         for objective in task.OBJECTIVES:
             assert new[objective] == pytest.approx(old[objective], abs=1e-12)
+
+
+def test_front_samples_again_for_a_torn_evaluation_record(capsys, monkeypatch, front):
+    """evaluation.json is a record of work done: a torn one is ignored (with a warning) and made again."""
+    from modpo.front import sweep
+    from modpo.trainer import MODPOTrainer
+
+    path, out, _ = front
+    points = load_report(out)["points"]
+    record = out / "points" / NAMES[0] / "evaluation.json"
+    record.write_text(record.read_text()[:50])
+    sampled, real_sample = [], sweep.sample_responses
+
+    def sample(*args, **kwargs):
+        sampled.append(kwargs.get("desc"))
+        return real_sample(*args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the trained points are intact: nothing to train")
+
+    monkeypatch.setattr(MODPOTrainer, "train", forbidden)
+    monkeypatch.setattr(sweep, "sample_responses", sample)
+    assert main(["front", "--config", path]) == 0
+    capsys.readouterr()
+    assert sampled == [f"sampling {NAMES[0]}"]
+    assert json.loads(record.read_text())["point"][task.OBJECTIVES[0]] == points[0][task.OBJECTIVES[0]]

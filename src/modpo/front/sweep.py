@@ -61,10 +61,9 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     key = stable_hash({"prompts": prompts, "settings": settings.record(), "model": str(model_dir),
                        "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators]})
     record_file = record_file or model_dir / EVAL_FILE
-    if record_file.exists():
-        record = json.loads(record_file.read_text())
-        if record.get("key") == key:
-            return record["point"]
+    record = _read_record(record_file)
+    if record.get("key") == key and "point" in record:
+        return record["point"]
     started = time.time()
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir)).to("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,9 +77,20 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     return point
 
 
+def _read_record(path: Path) -> dict:
+    """A JSON record, or {} where there is none or it cannot be read (with a warning)."""
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("%s is unreadable (%s); ignoring it", path, err)
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _run_hash(model_dir: Path) -> str | None:
-    run_file = model_dir / "modpo_run.json"
-    return json.loads(run_file.read_text()).get("config_hash") if run_file.exists() else None
+    return _read_record(model_dir / "modpo_run.json").get("config_hash")
 
 
 def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front") -> dict:
