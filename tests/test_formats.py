@@ -202,6 +202,7 @@ USER = [{"role": "user", "content": "hi"}]
     ({"rejected": [{"role": "assistant", "content": 3}]}, "rejected", "must be text"),
     ({"rejected": "a"}, "chosen", "identical"),
     ({"chosen": USER, "rejected": USER}, "chosen", "identical"),
+    ({"rejected": [{"role": "assistant", "content": " "}]}, "rejected", "is empty"),
     ({"chosen_margins": [0.5, 1, 2]}, "chosen_margins", "has 3 values, expected 2"),
     ({"rejected_margins": [0.1]}, "rejected_margins", "has 1 values, expected 2"),
     ({"rejected_margins": [0.1, math.nan]}, "rejected_margins", "non-finite"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from modpo.data.formats import check_preference_row, tokenize_preferences
 from modpo.data.loaders import (
     LOADERS,
     load_attribute_ratings,
@@ -21,6 +22,8 @@ from modpo.data.loaders import (
     read_records,
 )
 from modpo.errors import ConfigError, DataError
+
+import tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -35,6 +38,13 @@ def shared(name: str) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def numbered_lines(path: Path) -> dict[int, dict]:
+    """{file line number: record} of a JSONL (or .jsonl.gz) file, read here without the loaders' reader."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        return {number: json.loads(line) for number, line in enumerate(lines, start=1) if line.strip()}
 
 
 def assert_names(error: pytest.ExceptionInfo[DataError], file: Path, row: int, field: str | None) -> None:
@@ -126,10 +136,10 @@ def test_pku_saferlhf_bad_label(tmp_path):
 
 def test_hh_rlhf_prompt_is_the_shared_prefix():
     path = shared("hh_rlhf_harmless_base_test.jsonl.gz")
-    raw = read_records(path)
+    raw = numbered_lines(path)
     data = load_hh_rlhf(path)
-    assert len(data) == len(raw)
-    for record, source in zip(data, raw):
+    for record in data:
+        source = raw[record["source_row"]]
         prompt = record["prompt"]
         assert prompt.startswith("\n\nHuman:") and prompt.endswith("\n\nAssistant:")
         assert source["chosen"] == prompt + record["chosen"]
@@ -141,6 +151,7 @@ def test_hh_rlhf_as_messages():
     path = shared("hh_rlhf_harmless_base_test.jsonl.gz")
     text, chat = load_hh_rlhf(path), load_hh_rlhf(path, as_messages=True)
     for plain, record in zip(text.select(range(200)), chat.select(range(200))):
+        assert record["source_row"] == plain["source_row"]
         assert record["prompt"][0]["role"] == "user"
         turns = plain["prompt"].count("\n\nHuman:") + plain["prompt"].count("\n\nAssistant:") - 1
         assert len(record["prompt"]) == turns
@@ -161,12 +172,13 @@ def test_hh_rlhf_without_an_assistant_turn(tmp_path):
                          ["ultrafeedback_binarized_train1000.jsonl", "ultrafeedback_binarized_eval200.jsonl"])
 def test_ultrafeedback_scores_become_columns(name):
     path = shared(name)
-    raw = read_records(path)
+    raw = numbered_lines(path)
     data = load_ultrafeedback(path)
-    assert len(data) == len(raw)
-    assert data["score_chosen"] == [row["metadata"]["score_chosen"] for row in raw]
-    assert data["score_rejected"] == [row["metadata"]["score_rejected"] for row in raw]
-    assert data["prompt"] == [row["prompt"] for row in raw]
+    kept = [raw[line] for line in data["source_row"]]
+    assert data["score_chosen"] == [row["metadata"]["score_chosen"] for row in kept]
+    assert data["score_rejected"] == [row["metadata"]["score_rejected"] for row in kept]
+    assert data["prompt"] == [row["prompt"] for row in kept]
+    assert data["chosen"] == [row["chosen"] for row in kept]
 
 
 def test_ultrafeedback_conversations_are_split(tmp_path):
@@ -180,6 +192,79 @@ def test_ultrafeedback_conversations_are_split(tmp_path):
     with pytest.raises(DataError) as error:
         load_ultrafeedback(path)
     assert_names(error, path, 2, "score_rejected")
+
+
+# ------------------------------------------------------------------- pairs that carry no preference
+
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+def hh_without_preference(row: dict) -> bool:
+    """An empty answer after the dialogue's last assistant turn, or two identical dialogues."""
+    return any(not row[side].rsplit(ASSISTANT_TURN, 1)[-1].strip() for side in ("chosen", "rejected")) or (
+        row["chosen"] == row["rejected"]
+    )
+
+
+def ultrafeedback_without_preference(row: dict) -> bool:
+    return not row["chosen"].strip() or not row["rejected"].strip() or row["chosen"] == row["rejected"]
+
+
+@pytest.mark.parametrize(
+    ("name", "loader", "without_preference"),
+    [
+        ("hh_rlhf_harmless_base_test.jsonl.gz", load_hh_rlhf, hh_without_preference),
+        ("ultrafeedback_binarized_train1000.jsonl", load_ultrafeedback, ultrafeedback_without_preference),
+        ("ultrafeedback_binarized_eval200.jsonl", load_ultrafeedback, ultrafeedback_without_preference),
+    ],
+)
+def test_loaders_drop_pairs_without_preference_and_say_so(caplog, name, loader, without_preference):
+    path = shared(name)
+    raw = numbered_lines(path)
+    expected_dropped = [line for line, row in raw.items() if without_preference(row)]
+    assert expected_dropped  # the shipped files do have such pairs
+    with caplog.at_level(logging.WARNING, logger="modpo.data.loaders"):
+        data = loader(path)
+    assert sorted(set(raw) - set(data["source_row"])) == expected_dropped
+    for record in data:
+        check_preference_row(record, record["source_row"], str(path))
+    warning = caplog.text
+    assert f"dropped {len(expected_dropped)} of {len(raw)} pairs" in warning
+    assert all(str(line) in warning for line in expected_dropped[:3])
+
+
+@pytest.mark.parametrize(
+    ("name", "loader", "options"),
+    [
+        ("hh_rlhf_harmless_base_test.jsonl.gz", load_hh_rlhf, {"as_messages": True}),
+        ("pku_saferlhf_alpaca7b_sample.jsonl", load_pku_saferlhf, {"objective": "safer"}),
+        ("qa_feedback_dev_feedback.json", load_qa_feedback, {"objective": "preference"}),
+        ("qa_feedback_dev_feedback.json", load_qa_feedback, {"objective": "relevance"}),
+    ],
+)
+def test_every_loaded_pair_passes_the_trainer_check(name, loader, options):
+    path = shared(name)
+    data = loader(path, **options)
+    for record in data:
+        check_preference_row(record, record["source_row"], str(path))
+
+
+def pku_row(prompt: str, response_0: str = "a", response_1: str = "b") -> dict:
+    return {"prompt": prompt, "response_0": response_0, "response_1": response_1, "better_response_id": 0,
+            "safer_response_id": 1, "is_response_0_safe": True, "is_response_1_safe": False}
+
+
+def test_named_loader_drops_a_pair_without_preference(tmp_path, caplog):
+    rows = [pku_row("p0"), pku_row("p1", "same", "same"), pku_row("p2", "a", " "), pku_row("p3")]
+    path = write_jsonl(tmp_path / "pku.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="modpo.data.loaders"):
+        data = load_pku_saferlhf(path)
+    usable = [line for line, row in enumerate(rows, start=1) if row["response_0"].strip()
+              and row["response_1"].strip() and row["response_0"] != row["response_1"]]
+    assert data["source_row"] == usable
+    assert f"dropped {len(rows) - len(usable)} of {len(rows)} pairs" in caplog.text
+    assert "'chosen' identical to 'rejected': 1 (row 2)" in caplog.text
+    assert "'rejected' is empty: 1 (row 3)" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ QA-Feedback
@@ -304,6 +389,8 @@ def test_load_preferences_defaults_and_messages(tmp_path):
         (custom_row(answers={"good": [{"role": "assistant", "content": "x"}], "bad": "no"}), "answers.good",
          "must be text"),
         (custom_row(meta={"length": "long"}), "meta.length", "expected a number"),
+        (custom_row(answers={"good": " ", "bad": "no"}), "answers.good", "is empty"),
+        (custom_row(answers={"good": "no", "bad": "no"}), "answers.good", "identical to 'rejected'"),
     ],
 )
 def test_load_preferences_bad_rows_name_file_row_field(tmp_path, bad_row, field, message):
@@ -311,6 +398,25 @@ def test_load_preferences_bad_rows_name_file_row_field(tmp_path, bad_row, field,
     with pytest.raises(DataError, match=message) as error:
         load_preferences(path, MAPPING)
     assert_names(error, path, 2, field)
+
+
+def test_load_preferences_margins_in_later_rows_only_are_required_in_every_row(tmp_path):
+    with_margins = {**ROWS[1], "chosen_margins": [1.0], "rejected_margins": [0.0]}
+    path = write_jsonl(tmp_path / "late_margins.jsonl", [ROWS[0], with_margins])
+    with pytest.raises(DataError, match="missing column") as error:
+        load_preferences(path)
+    assert_names(error, path, 1, "chosen_margins")
+    data = load_preferences(write_jsonl(tmp_path / "margins.jsonl", [with_margins, with_margins]))
+    assert data["chosen_margins"] == [with_margins["chosen_margins"]] * 2
+
+
+def test_load_preferences_extra_columns_come_from_every_row(tmp_path):
+    rows = [{**ROWS[0], "score": 3, "label": 1}, {**ROWS[1], "label": "good"}, {**ROWS[0], "safe": True}]
+    data = load_preferences(write_jsonl(tmp_path / "extras.jsonl", rows))
+    assert data["score"] == [row.get("score") for row in rows]
+    assert data["safe"] == [row.get("safe") for row in rows]
+    assert "label" not in data.column_names  # numbers in one row, text in another: not a number column
+    assert data["source_row"] == [1, 2, 3]
 
 
 def test_load_preferences_bad_message(tmp_path):
@@ -348,6 +454,28 @@ def test_config_split_is_deterministic_and_keeps_prompts_together():
     test_split = {"test_fraction": 0.2, "seed": 3, "part": "test"}
     limited = load_dataset_from_config({**spec, "split": test_split, "limit": 5})
     assert limited["chosen"] == parts["test"]["chosen"][:5]
+    assert limited["source_row"] == parts["test"]["source_row"][:5]
+
+
+def test_trainer_errors_name_the_file_line_after_split_and_limit(tmp_path):
+    too_long = "p0 p1 p2 p3 p0 p1 p2 p3"
+    prompts = ["p0", "p1", "p2", "p3", "p0 p1", "p1 p2", "p2 p3", too_long]
+    lines = [json.dumps(pku_row(prompt)) for prompt in prompts]
+    lines.insert(2, "")  # a blank line still counts
+    path = tmp_path / "pku.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    line_of = {json.loads(line)["prompt"]: number for number, line in enumerate(lines, start=1) if line}
+
+    spec = {"loader": "pku_saferlhf", "path": str(path)}
+    splits = [{"test_fraction": 0.5, "seed": 1, "part": part} for part in ("train", "test")]
+    split = next(s for s in splits if too_long in load_dataset_from_config({**spec, "split": s})["prompt"])
+    position = load_dataset_from_config({**spec, "split": split})["prompt"].index(too_long)
+    assert position + 1 != line_of[too_long]  # the data set's own index would name the wrong row
+    data = load_dataset_from_config({**spec, "split": split, "limit": position + 1})
+    assert data["source_row"] == [line_of[prompt] for prompt in data["prompt"]]
+    with pytest.raises(DataError, match="max_length") as error:
+        tokenize_preferences(data, tiny.tokenizer(), max_length=6, file=str(path))
+    assert_names(error, path, line_of[too_long], "prompt")
 
 
 @pytest.mark.parametrize(

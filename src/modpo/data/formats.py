@@ -24,6 +24,7 @@ from modpo.errors import DataError
 logger = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
+NO_PREFERENCE = "the pair carries no preference"
 
 
 def _check_messages(value, file, row, field) -> None:
@@ -34,6 +35,24 @@ def _check_messages(value, file, row, field) -> None:
             raise DataError(file, row, field, f"message {i} must be a dict with 'role' and 'content'")
         if not isinstance(message["role"], str) or not isinstance(message["content"], str):
             raise DataError(file, row, field, f"message {i}: 'role' and 'content' must be text")
+
+
+def _is_empty(value) -> bool:
+    """Blank text, or chat messages whose contents are all blank."""
+    if isinstance(value, str):
+        return not value.strip()
+    return not any(message["content"].strip() for message in value)
+
+
+def missing_preference(example: dict) -> tuple[str, str] | None:
+    """(field, reason) when a well-formed pair gives DPO-style training no preference to learn from: an
+    empty chosen or rejected answer, or chosen identical to rejected. None for a usable pair."""
+    for field in ("chosen", "rejected"):
+        if _is_empty(example[field]):
+            return field, "is empty"
+    if example["chosen"] == example["rejected"]:
+        return "chosen", "identical to 'rejected'"
+    return None
 
 
 def check_preference_row(example: dict, row: int, file: str = "dataset", num_margins: int | None = None) -> None:
@@ -49,8 +68,10 @@ def check_preference_row(example: dict, row: int, file: str = "dataset", num_mar
             _check_messages(value, file, row, field)
         else:
             raise DataError(file, row, field, f"expected text or chat messages, got {type(value).__name__}")
-    if example["chosen"] == example["rejected"]:
-        raise DataError(file, row, "chosen", "identical to 'rejected': the pair carries no preference")
+    problem = missing_preference(example)
+    if problem is not None:
+        field, reason = problem
+        raise DataError(file, row, field, f"{reason}: {NO_PREFERENCE}")
     for field in ("chosen_margins", "rejected_margins"):
         if field not in example or example[field] is None:
             continue

@@ -3,9 +3,15 @@
 A record is a dict with `prompt`, `chosen` and `rejected`: each a str, or for chat data a list of
 {"role", "content"} messages (prompt = the conversation before the answer, chosen/rejected = one
 assistant message). Optional `chosen_margins` / `rejected_margins` hold one float per extra objective;
-other columns are numbers or booleans a recipe may turn into margins. Every loader returns a
-`datasets.Dataset` of such records and raises `DataError` (file, 1-based row, field) on a bad row.
-A loader that skips rows by design (ties, missing labels) logs how many at WARNING level.
+other columns are numbers or booleans a recipe may turn into margins. Every record also has `source_row`,
+the row of the source file it came from, so that later errors (after `split` or `limit`) still name it.
+Every loader returns a `datasets.Dataset` of such records and raises `DataError` (file, 1-based row,
+field) on a bad row. A loader that skips rows by design (ties, missing labels) logs how many at WARNING level.
+
+A pair with an empty chosen or rejected answer, or with chosen identical to rejected, carries no preference
+for DPO-style training (`modpo.data.formats.missing_preference`, the trainer's own rule). The loaders of
+public data sets drop such pairs and log how many, why, and the first few source rows; `load_preferences`,
+which reads the user's own file, refuses the first one with a `DataError` instead.
 
 Row numbers are line numbers for JSONL, 1-based element indices for a JSON list and row indices for
 parquet.
@@ -28,6 +34,7 @@ from typing import Any, NamedTuple
 
 from datasets import Dataset
 
+from modpo.data.formats import NO_PREFERENCE, missing_preference
 from modpo.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +47,7 @@ STANDARD_FIELDS = ("prompt", "chosen", "rejected")
 MARGIN_FIELDS = ("chosen_margins", "rejected_margins")
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 _MISSING = object()
+ROWS_NAMED_IN_WARNINGS = 5
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -168,19 +176,12 @@ def _messages(value: Any, file: PathLike, row: int, field: str) -> list[Message]
     return messages
 
 
-def _check_record(
-    record: Record,
-    file: PathLike,
-    row: int,
-    sources: Mapping[str, str] | None = None,
-    empty_answers: bool = False,
-) -> Record:
+def _check_record(record: Record, file: PathLike, row: int, sources: Mapping[str, str] | None = None) -> Record:
     """Validate (and normalise messages in) a standard record built by a loader.
 
     `sources` maps a record field to the file's column it came from, so that errors name the latter.
-    Text answers must be non-blank unless `empty_answers`: loaders of public data sets whose labels
-    rank an empty answer (HH-RLHF prefers some silent refusals; UltraFeedback ranks empty outputs)
-    keep such pairs rather than drop them.
+    The prompt must be non-blank; empty or identical answers are left to `_dataset` (dropped) or to
+    `_refuse_without_preference` (refused).
     """
     sources = sources or {}
 
@@ -202,8 +203,6 @@ def _check_record(
             if not isinstance(answer, str):
                 kind = type(answer).__name__
                 raise DataError(file, row, name(key), f"the prompt is text, so the answer must be text, got {kind}")
-            if not empty_answers and not answer.strip():
-                raise DataError(file, row, name(key), "is empty")
     _check_margins(record, file, row, name)
     return record
 
@@ -224,10 +223,37 @@ def _check_margins(record: Record, file: PathLike, row: int, name: Callable[[str
         raise DataError(file, row, name("rejected_margins"), "must have as many values as chosen_margins")
 
 
-def _dataset(records: list[Record], file: PathLike) -> Dataset:
-    if not records:
+def _refuse_without_preference(record: Record, file: PathLike, row: int, sources: Mapping[str, str]) -> None:
+    problem = missing_preference(record)
+    if problem is not None:
+        field, reason = problem
+        raise DataError(file, row, sources.get(field, field), f"{reason}: {NO_PREFERENCE}")
+
+
+def _dataset(numbered: list[tuple[int, Record]], file: PathLike) -> Dataset:
+    """The (source row, record) pairs as a Dataset with a `source_row` column, less the pairs that carry no
+    preference (see the module docstring), which are dropped with one warning."""
+    kept, dropped = [], {}
+    for row, record in numbered:
+        problem = missing_preference(record)
+        if problem is None:
+            kept.append({**record, "source_row": row})
+        else:
+            dropped.setdefault(problem, []).append(row)
+    if dropped:
+        details = "; ".join(f"{field!r} {reason}: {len(rows)} ({_some_rows(rows)})"
+                            for (field, reason), rows in dropped.items())
+        count = sum(len(rows) for rows in dropped.values())
+        logger.warning("%s: dropped %d of %d pairs that carry no preference: %s", file, count, len(numbered), details)
+    if not kept:
         raise DataError(file, None, None, "no preference pairs in file")
-    return Dataset.from_list(records)
+    return Dataset.from_list(kept)
+
+
+def _some_rows(rows: list[int]) -> str:
+    named = ", ".join(map(str, rows[:ROWS_NAMED_IN_WARNINGS]))
+    more = f" and {len(rows) - ROWS_NAMED_IN_WARNINGS} more" if len(rows) > ROWS_NAMED_IN_WARNINGS else ""
+    return f"row{'s' if len(rows) > 1 else ''} {named}{more}"
 
 
 def _warn_skipped(count: int, file: PathLike, why: str) -> None:
@@ -266,7 +292,7 @@ def load_pku_saferlhf(path: PathLike, objective: str = "better") -> Dataset:
             "is_chosen_safe": safe[chosen],
             "is_rejected_safe": safe[rejected],
         }
-        records.append(_check_record(record, path, row))
+        records.append((row, _check_record(record, path, row)))
     return _dataset(records, path)
 
 
@@ -294,8 +320,8 @@ def load_hh_rlhf(path: PathLike, as_messages: bool = False) -> Dataset:
     """Anthropic HH-RLHF: `chosen` and `rejected` are whole dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...").
 
     Mapping: prompt = their shared prefix up to and including its last "\\n\\nAssistant:"; chosen /
-    rejected = what follows it (text keeps its leading space, e.g. " Sure, ..."). A few source rows have
-    an empty answer (" ") or answers that run on into further turns; they are kept as they are.
+    rejected = what follows it (text keeps its leading space, e.g. " Sure, ..."). Answers that run on into
+    further turns are kept as they are; the few pairs with an empty answer (" ") are dropped (logged).
     With `as_messages=True` the prompt is split into user/assistant messages and each answer becomes
     one stripped assistant message.
     """
@@ -317,7 +343,7 @@ def load_hh_rlhf(path: PathLike, as_messages: bool = False) -> Dataset:
             }
         else:
             record = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        records.append(_check_record(record, path, row, empty_answers=True))
+        records.append((row, _check_record(record, path, row)))
     return _dataset(records, path)
 
 
@@ -342,7 +368,8 @@ def load_ultrafeedback(path: PathLike) -> Dataset:
     `metadata.score_rejected` (or top-level `score_chosen` / `score_rejected`). Mapping: text is kept
     as is; the ratings become columns `score_chosen` / `score_rejected` (ties are kept). When chosen /
     rejected are whole conversations (message lists), the prompt becomes the messages before the last
-    assistant message, which must be the same in both. The few empty answers in the source are kept.
+    assistant message, which must be the same in both. The few pairs in the source with an empty answer
+    or with chosen identical to rejected are dropped (logged).
     """
     records = []
     for row, raw in _read_numbered(path):
@@ -354,7 +381,7 @@ def load_ultrafeedback(path: PathLike) -> Dataset:
         for key in ("score_chosen", "score_rejected"):
             field = key if _lookup(raw, key) is not _MISSING else f"metadata.{key}"
             record[key] = _number(_field(raw, field, path, row), path, row, field)
-        records.append(_check_record(record, path, row, empty_answers=True))
+        records.append((row, _check_record(record, path, row)))
     return _dataset(records, path)
 
 
@@ -396,7 +423,7 @@ def load_qa_feedback(path: PathLike, objective: str = "preference") -> Dataset:
     """
     if objective not in QA_OBJECTIVES:
         raise ConfigError(f"load_qa_feedback: objective must be one of {QA_OBJECTIVES}, got {objective!r}")
-    records: list[Record] = []
+    records: list[tuple[int, Record]] = []
     skipped = 0
     for row, raw in _read_numbered(path):
         prompt = _qa_prompt(raw, path, row)
@@ -406,7 +433,7 @@ def load_qa_feedback(path: PathLike, objective: str = "preference") -> Dataset:
         else:
             pairs = _qa_feedback_pair(raw, objective, path, row)
             skipped += not pairs
-        records.extend(_check_record({"prompt": prompt, **pair}, path, row) for pair in pairs)
+        records.extend((row, _check_record({"prompt": prompt, **pair}, path, row)) for pair in pairs)
     reason = (
         "pairs labelled 0 (no preference)"
         if objective == "preference"
@@ -497,7 +524,7 @@ def load_attribute_ratings(
     Mapping: rows are grouped by prompt (in order of first appearance); every two responses to the same
     prompt form a pair, chosen = the higher rating on `attributes[0]` (ties are skipped and logged).
     Columns `score_chosen` / `score_rejected` hold that rating; the ratings on `attributes[1:]`, in that
-    order, become `chosen_margins` / `rejected_margins`.
+    order, become `chosen_margins` / `rejected_margins`. A pair's `source_row` is its chosen response's row.
     """
     if isinstance(attributes, str) or not attributes:
         raise ConfigError("load_attribute_ratings: attributes must be a non-empty list of column names")
@@ -518,13 +545,12 @@ def load_attribute_ratings(
                       "score_chosen": better.ratings[0], "score_rejected": worse.ratings[0]}
             if len(attributes) > 1:
                 record |= {"chosen_margins": better.ratings[1:], "rejected_margins": worse.ratings[1:]}
-            records.append(_check_record(record, path, better.row))
+            records.append((better.row, _check_record(record, path, better.row)))
     _warn_skipped(ties, path, f"pairs tied on {attributes[0]!r}")
     return _dataset(records, path)
 
 
 # ---------------------------------------------------------------------------- generic preferences
-
 
 
 def load_preferences(path: PathLike, columns: Mapping[str, str | Sequence[str]] | None = None) -> Dataset:
@@ -535,16 +561,23 @@ def load_preferences(path: PathLike, columns: Mapping[str, str | Sequence[str]] 
      "chosen_margins": ["s1_good"], "rejected_margins": ["s1_bad"]}.
     prompt / chosen / rejected default to columns of the same name. A margin maps to one column holding
     a list of numbers, or to a list of columns holding one number each. Any other key adds an extra
-    column that must hold a finite number or a boolean. Without `columns`, margins are read when the
-    first record has `chosen_margins`. Text must be non-empty; margins finite numbers.
+    column that must hold a finite number or a boolean. Every mapped column must be in every row.
+
+    Without `columns` the layout comes from all rows, not the first: `chosen_margins` / `rejected_margins`
+    are read when any row has them, and then every row must have them. Any other top-level column whose
+    values are all numbers (finite) or all booleans is kept, so that it can serve as a margin or for
+    analysis; a row that lacks it gets None there.
+
+    Text must be non-empty; margins finite numbers. This is the user's own file, so a pair with an empty
+    answer or with chosen identical to rejected is refused (a `DataError` naming it), not dropped.
     """
     rows = _read_numbered(path)
+    extras: list[str] = []
     if columns is None:
-        first = rows[0][1] if rows else {}
-        mapping: dict[str, Any] = {key: key for key in (*STANDARD_FIELDS, *MARGIN_FIELDS) if key in first}
-        # Extra numeric (or boolean) columns are kept, so they can serve as margins or for analysis.
-        mapping.update({key: key for key, value in first.items() if key not in mapping
-                        and isinstance(value, (int, float, bool)) and key != "source_row"})
+        mapping: dict[str, Any] = {key: key for key in STANDARD_FIELDS}
+        if any(key in raw for _, raw in rows for key in MARGIN_FIELDS):
+            mapping.update({key: key for key in MARGIN_FIELDS})
+        extras = _number_columns(rows, taken=mapping)
     elif isinstance(columns, Mapping):
         mapping = dict(columns)
     else:
@@ -559,13 +592,30 @@ def load_preferences(path: PathLike, columns: Mapping[str, str | Sequence[str]] 
         ):
             raise ConfigError(f"load_preferences: columns[{key!r}] must be a column name, got {source!r}")
     sources = {key: source for key, source in mapping.items() if isinstance(source, str)}
-    records = [_check_record(_mapped_record(raw, mapping, path, row), path, row, sources) for row, raw in rows]
-    for (row, _), record in zip(rows, records):
-        record["source_row"] = row  # the file's own row number, for later error messages
+    records = []
+    for row, raw in rows:
+        record = _check_record(_mapped_record(raw, mapping, extras, path, row), path, row, sources)
+        _refuse_without_preference(record, path, row, sources)
+        records.append((row, record))
     return _dataset(records, path)
 
 
-def _mapped_record(raw: Record, mapping: Mapping[str, Any], file: PathLike, row: int) -> Record:
+def _number_columns(rows: list[tuple[int, Record]], taken: Mapping[str, Any]) -> list[str]:
+    """Top-level columns, other than `taken`, whose values (where present and not null) are all numbers or
+    all booleans, in order of first appearance."""
+    kinds: dict[str, set[type]] = {}
+    for _, raw in rows:
+        for key, value in raw.items():
+            if key not in taken and key != "source_row" and value is not None:
+                kind = bool if isinstance(value, bool) else float if isinstance(value, (int, float)) else object
+                kinds.setdefault(key, set()).add(kind)
+    return [key for key, found in kinds.items() if found in ({bool}, {float})]
+
+
+def _mapped_record(
+    raw: Record, mapping: Mapping[str, Any], optional: Sequence[str], file: PathLike, row: int
+) -> Record:
+    """The record of `mapping`'s columns (each required) and of the `optional` number columns (None if absent)."""
     record: Record = {}
     for key, source in mapping.items():
         if key in MARGIN_FIELDS and not isinstance(source, str):
@@ -574,11 +624,16 @@ def _mapped_record(raw: Record, mapping: Mapping[str, Any], file: PathLike, row:
         value = _field(raw, source, file, row)
         if key in STANDARD_FIELDS or key in MARGIN_FIELDS:
             record[key] = value  # checked by _check_record
-        elif isinstance(value, bool):
-            record[key] = value
         else:
-            record[key] = _number(value, file, row, source)
+            record[key] = _number_or_boolean(value, file, row, source)
+    for column in optional:
+        value = raw.get(column)
+        record[column] = None if value is None else _number_or_boolean(value, file, row, column)
     return record
+
+
+def _number_or_boolean(value: Any, file: PathLike, row: int, field: str) -> float | bool:
+    return value if isinstance(value, bool) else _number(value, file, row, field)
 
 
 # ------------------------------------------------------------------------------ registry, config
@@ -597,7 +652,8 @@ def load_dataset_from_config(spec: Mapping[str, Any]) -> Dataset:
     """Load a data set from a config entry: {"loader": name, "path": ..., other loader kwargs}.
 
     Optional keys: "split": {"test_fraction": 0.2, "seed": 0, "part": "train" | "test"} (see
-    `split_by_prompt`), then "limit": N keeps the first N records of the result.
+    `split_by_prompt`), then "limit": N keeps the first N records of the result. Records keep their
+    `source_row` through both.
     """
     options = dict(spec)
     name, path = options.pop("loader", None), options.pop("path", None)
