@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from modpo.cli import main
@@ -48,15 +49,17 @@ def modpo_only_fields() -> list[str]:
 
 def test_top_level_help_lists_every_subcommand(capsys):
     text = help_text(capsys)
-    for command in (*STAGE_COMMANDS, "front", "demo"):
+    for command in (*STAGE_COMMANDS, "front", "recipe", "demo", "compare"):
         assert re.search(rf"^\s+{command}\s", text, re.MULTILINE), command
 
 
 @pytest.mark.parametrize("command", STAGE_COMMANDS)
-def test_stage_help_lists_every_config_key(capsys, command):
+def test_stage_help_lists_every_config_key_the_stage_uses(capsys, command):
     text = help_text(capsys, command)
+    used = {"ref_model": ("dpo", "train"), "margins": ("train",), "num_labels": ("reward",)}
     for field in dataclasses.fields(StageConfig):
-        assert re.search(rf"^  {field.name}\s+\S", text, re.MULTILINE), f"{command} --help lacks {field.name}"
+        listed = re.search(rf"^  {field.name}\s+\S", text, re.MULTILINE) is not None
+        assert listed == (command in used.get(field.name, STAGE_COMMANDS)), f"{command} --help and {field.name}"
     for option in ("--config", "--overwrite", "--resume", "KEY=VALUE"):
         assert option in text
     for key in MODPO_KEYS:  # the `training` key's help names the MODPO settings
@@ -77,6 +80,41 @@ def test_front_help_lists_every_config_key(capsys):
     for field in dataclasses.fields(FrontConfig):
         assert re.search(rf"^  {field.name}\s+\S", text, re.MULTILINE), f"front --help lacks {field.name}"
     for option in ("--config", "--overwrite", "KEY=VALUE"):
+        assert option in text
+
+
+def test_front_help_lists_every_evaluation_key(capsys):
+    """Each key the sweep accepts under evaluation, with a description; the evaluators' names key too."""
+    from modpo.front.generate import SamplingSettings
+    from modpo.front.sweep import EVALUATION_KEYS
+
+    text = help_text(capsys, "front")
+    for key in EVALUATION_KEYS:
+        line = re.search(rf"^  evaluation\.{key}\s+(\S.*)$", text, re.MULTILINE)
+        assert line, f"front --help lacks evaluation.{key}"
+        default = getattr(SamplingSettings, key, None)
+        assert default is None or line.group(1).endswith(f"(default: {default!r})"), line.group(0)
+    assert "names: [...]" in re.search(r"^  evaluation\.evaluators\s+(.*)$", text, re.MULTILINE).group(1)
+
+
+@pytest.mark.parametrize("command", (*STAGE_COMMANDS, "front"))
+def test_help_example_is_the_subcommands_own(capsys, command):
+    text = help_text(capsys, command)
+    examples = re.findall(r"^  (modpo \w+ --config \S+ .*)$", text, re.MULTILINE)
+    assert len(examples) == 1 and examples[0].startswith(f"modpo {command} --config"), examples
+
+
+def test_recipe_help_lists_the_shipped_recipes_and_options(capsys):
+    from modpo.recipes import SHIPPED
+
+    top, text = help_text(capsys), help_text(capsys, "recipe")
+    for path in SHIPPED.glob("*.yaml"):
+        variables = yaml.safe_load(path.read_text())["variables"]
+        assert "data_dir" in variables
+        assert re.search(rf"^  {path.stem}\s+" + " ".join(f"{k}={v}" for k, v in variables.items()) + "$", text,
+                         re.MULTILINE), path.stem
+        assert path.stem in top
+    for option in ("--only", "--overwrite", "--resume", "NAME=VALUE"):
         assert option in text
 
 
@@ -212,6 +250,40 @@ def test_entry_point_error_subprocess(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_inputs_follow_the_seed(tmp_path):
+    """Data and initial model are made for the requested seed: reused for the same seed, replaced for another
+    only with overwrite."""
+    from safetensors.torch import load_file
+
+    from modpo.demo import task
+    from modpo.demo.pipeline import prepare_inputs
+
+    def contents(paths):
+        data = {name: [json.loads(line) for line in Path(paths[name]).read_text().splitlines()]
+                for name in ("sft", "helpful", "harmless")}
+        return data, load_file(str(Path(paths["init"]) / "model.safetensors"))
+
+    out = tmp_path / "demo"
+    paths = prepare_inputs(out, seed=0)
+    data0, weights0 = contents(paths)
+    assert data0["sft"] == task.sft_rows(3000, 0) and data0["harmless"] == task.preference_rows(2000, "harmless", 2)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert prepare_inputs(out, seed=0) == paths
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps  # reused, not rewritten
+
+    with pytest.raises(ConfigError, match=r"made otherwise \(seed 0\); pass --overwrite to replace them with those "
+                                          r"for seed 1"):
+        prepare_inputs(out, seed=1)
+    assert contents(paths)[0] == data0
+    assert prepare_inputs(out, seed=1, overwrite=True) == paths
+    data1, weights1 = contents(paths)
+    assert data1["sft"] == task.sft_rows(3000, 1) and data1["helpful"] == task.preference_rows(2000, "helpful", 2)
+    assert data1["helpful"] != data0["helpful"]
+    assert weights1.keys() == weights0.keys() and any(not torch.equal(weights1[k], weights0[k]) for k in weights0)
+    fresh = prepare_inputs(tmp_path / "fresh", seed=1)  # the same seed in a new folder: the same inputs
+    assert all(torch.equal(contents(fresh)[1][k], weights1[k]) for k in weights1)
 
 
 def test_demo(capsys, tmp_path):

@@ -16,21 +16,29 @@ STAGE_HELP = {
     "dpo": "DPO: MODPO with one objective (weights [1.0])",
     "train": "MODPO for one weight vector: preference pairs for objective 0, margin rewards for the rest",
 }
+EXAMPLES = {
+    "sft": "modpo sft --config sft.yaml training.num_train_epochs=2 output_dir=runs/sft",
+    "reward": "modpo reward --config rm.yaml training.learning_rate=5e-4 output_dir=runs/rm_harmless",
+    "dpo": "modpo dpo --config dpo.yaml training.beta=0.1 output_dir=runs/dpo_safer",
+    "train": "modpo train --config modpo.yaml training.weights=[0.3,0.7] training.beta=0.1 output_dir=runs/w03",
+    "front": "modpo front --config front.yaml weights=[[0.2,0.8],[0.8,0.2]] evaluation.samples_per_prompt=4",
+}
 
 EPILOG = """Overrides set any config key by its dotted path, the value read as YAML, e.g.
-  modpo train --config recipe.yaml training.weights=[0.3,0.7] training.beta=0.1 output_dir=runs/w03
+  {example}
 Config keys:
 {keys}"""
 
 
 def _parser() -> argparse.ArgumentParser:
+    from modpo.recipes import shipped_recipes
     from modpo.run_config import FrontConfig, StageConfig, describe
 
     parser = argparse.ArgumentParser(prog="modpo", description="Multi-objective direct preference optimization.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in STAGE_HELP.items():
-        epilog = EPILOG.format(keys=describe(StageConfig))
+        epilog = EPILOG.format(example=EXAMPLES[name], keys=describe(StageConfig, name))
         if name in ("dpo", "train"):
             epilog += "\nMODPO keys under training: (besides every transformers.TrainingArguments field)\n" + _modpo_fields()
         p = sub.add_parser(name, help=text, description=text, epilog=epilog,
@@ -40,15 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     front = sub.add_parser("front", help="train and evaluate every weight vector of a sweep; write the report",
                            description="Train (or reuse) one MODPO model per weight vector, sample each on the "
                                        "evaluation prompts, score them, and write front.md/.json/.csv/.png.",
-                           epilog=EPILOG.format(keys=describe(FrontConfig)),
+                           epilog=EPILOG.format(example=EXAMPLES["front"], keys=describe(FrontConfig))
+                           + "\nKeys under evaluation:\n" + _evaluation_fields(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(front)
-    recipe = sub.add_parser("recipe", help="run a recipe: a YAML list of stages (shipped: pku_safety, qa_feedback)",
-                            description="Run every stage of a recipe in order; finished stages are skipped.")
+    shipped = shipped_recipes()
+    recipe = sub.add_parser("recipe", help=f"run a recipe: a YAML list of stages (shipped: {', '.join(shipped)})",
+                            description="Run every stage of a recipe in order; finished stages are skipped.",
+                            epilog=_recipe_epilog(shipped), formatter_class=argparse.RawDescriptionHelpFormatter)
     recipe.add_argument("name", help="a recipe YAML path, or the name of a shipped recipe")
     recipe.add_argument("variables", nargs="*", metavar="NAME=VALUE", help="override a recipe variable (YAML value)")
     recipe.add_argument("--only", help="comma-separated commands to run (e.g. front)")
-    demo = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic task, on CPU, in about a minute",
+    recipe.add_argument("--overwrite", action="store_true",
+                        help="let a stage replace a different run already in its output_dir")
+    recipe.add_argument("--resume", action="store_true",
+                        help="continue a stage from the last checkpoint in its output_dir, where there is one")
+    demo = sub.add_parser("demo", help="the whole pipeline on a built-in synthetic task, in one to two minutes on "
+                                       "a laptop CPU",
                           description="SFT -> margin model (DPO on harmlessness) -> MODPO at several weights -> "
                                       "sampling -> exact scoring, on a synthetic helpful-vs-harmless task.")
     demo.add_argument("--output-dir", default="runs/demo", help="where models, data and the report go (default: runs/demo)")
@@ -78,6 +94,25 @@ def _modpo_fields() -> str:
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
     return "\n".join(f"  training.{f.name:<21} {f.metadata.get('help', '')} (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r})"
                      for f in dataclasses.fields(MODPOConfig) if f.name not in inherited)
+
+
+def _recipe_epilog(shipped: dict[str, dict]) -> str:
+    lines = ["Shipped recipes and their variables (set one as NAME=VALUE):"]
+    lines += [f"  {name:<12} " + " ".join(f"{k}={v}" for k, v in variables.items()) for name, variables in shipped.items()]
+    return "\n".join(lines + ["For example:", "  modpo recipe pku_safety data_dir=/path/to/data steps=12 --only front"])
+
+
+def _evaluation_fields() -> str:
+    """Every key `modpo front` accepts under evaluation, with the sampling defaults."""
+    import dataclasses
+
+    from modpo.front.generate import SamplingSettings
+    from modpo.front.sweep import EVALUATION_KEYS
+    from modpo.run_config import EVALUATION_HELP
+
+    defaults = {f.name: f" (default: {f.default!r})" for f in dataclasses.fields(SamplingSettings)}
+    keys = [k for k in EVALUATION_HELP if k in EVALUATION_KEYS] + sorted(EVALUATION_KEYS - set(EVALUATION_HELP))
+    return "\n".join(f"  evaluation.{key:<19} {EVALUATION_HELP.get(key, '')}{defaults.get(key, '')}" for key in keys)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -113,7 +148,8 @@ def _run(args) -> int:
                 variables[key] = yaml.safe_load(raw)
             except yaml.YAMLError:
                 raise ModpoError(f"variable '{item}': value is not valid YAML") from None
-        for out in run_recipe(args.name, variables, args.only.split(",") if args.only else None):
+        only = args.only.split(",") if args.only else None
+        for out in run_recipe(args.name, variables, only, overwrite=args.overwrite, resume=args.resume):
             print(f"done: {out}")
         return 0
     if args.command == "compare":
@@ -172,6 +208,7 @@ class _clean_on_error:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("modpo.recipes").setLevel(logging.INFO)  # a recipe's progress, stage by stage
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 

@@ -25,18 +25,20 @@ class StageConfig:
     eval_data: typing.Any = field(default=None, metadata={"help": "Evaluation data, same forms as train_data."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path (default: the model's)."})
     ref_model: str | None = field(default=None, metadata={"help": "Reference model (default: the starting model; "
-                                                                  "under LoRA the base with adapters off)."})
+                                                                  "under LoRA the base with adapters off).",
+                                                          "stages": ("dpo", "train")})
     margins: list = field(default_factory=list, metadata={
         "help": "Margin reward sources for objectives 1..K-1, in order. Each is {type: implicit_reward, model, "
                 "ref_model?, beta, prefix_sharing? (default: training's)} | {type: reward_model, model, outputs?} | "
                 "{type: columns, chosen: [...], "
-                "rejected: [...]} | {type: length_penalty}. Or give chosen_margins/rejected_margins columns."})
+                "rejected: [...]} | {type: length_penalty}. Or give chosen_margins/rejected_margins columns.",
+        "stages": ("train",)})
     lora: dict | None = field(default=None, metadata={"help": "LoRA settings (peft.LoraConfig fields: r, lora_alpha, "
                                                               "target_modules, ...); null trains all weights."})
     dtype: str = field(default="fp32", metadata={"help": "Weights dtype when loading: fp32, bf16, fp16 or auto."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub (off by default)."})
-    num_labels: int = field(default=1, metadata={"help": "reward stage: outputs of the reward head; TRL's RewardTrainer "
-                                                         "trains 1 (one reward model per objective)."})
+    num_labels: int = field(default=1, metadata={"help": "Outputs of the reward head; TRL's RewardTrainer trains 1 "
+                                                         "(one reward model per objective).", "stages": ("reward",)})
     training: dict = field(default_factory=dict, metadata={
         "help": "Trainer arguments: MODPOConfig fields for dpo/train (weights, beta, loss_type, label_smoothing, "
                 "max_length, ...), SFTConfig/RewardConfig fields for sft/reward, plus any TrainingArguments field "
@@ -50,10 +52,25 @@ class FrontConfig:
     train: dict = field(metadata={"help": "The train stage's settings (StageConfig keys); output_dir is set per point."})
     output_dir: str = field(metadata={"help": "Report folder; each point trains into output_dir/points/<name>."})
     weights: list = field(metadata={"help": "Weight vectors, e.g. [[0.1, 0.9], [0.5, 0.5], [0.9, 0.1]]."})
-    evaluation: dict = field(default_factory=dict, metadata={
-        "help": "prompts (a list, or a data spec with a prompt column), samples_per_prompt, max_new_tokens, "
-                "temperature, top_p, seed, evaluators (list of {type: demo_exact} | {type: reward_model, model} | "
-                "{type: implicit_reward, model, ref_model?, beta} | {type: length_penalty})."})
+    evaluation: dict = field(default_factory=dict, metadata={"help": "Sampling and scoring settings (keys below)."})
+
+
+EVALUATION_HELP = {
+    "prompts": "Evaluation prompts: a list, or a data spec (as train_data) with a prompt column.",
+    "samples_per_prompt": "Responses sampled per prompt.",
+    "max_new_tokens": "Most tokens sampled per response.",
+    "min_new_tokens": "Fewest tokens sampled per response (eos is suppressed before).",
+    "temperature": "Sampling temperature.",
+    "top_p": "Nucleus sampling: keep the smallest set of tokens with this probability.",
+    "seed": "Sampling seed.",
+    "batch_size": "Responses sampled per batch.",
+    "evaluators": "List of {type: demo_exact} | {type: reward_model, model, outputs?} | {type: implicit_reward, model, "
+                  "ref_model?, beta} | {type: length_penalty}; all but demo_exact may add names: [...] (the "
+                  "objectives' names in the report) and max_length (default 1024).",
+    "reference_point": "Hypervolume reference, one number per objective (default: each objective's minimum over "
+                       "the points).",
+    "extra_models": "Models evaluated beside the points without training, {name: model}, e.g. {base: runs/base}.",
+}
 
 
 def _type_ok(value, annotation) -> bool:
@@ -130,10 +147,12 @@ def load_config(cls, path: str | None, overrides: list[str]):
     return from_dict(cls, data, path or "command line")
 
 
-def describe(cls) -> str:
-    """One line per key with its help, for --help."""
+def describe(cls, command: str | None = None) -> str:
+    """One line per key with its help, for --help; keys another stage alone uses are left out of `command`'s."""
     lines = []
     for f in dataclasses.fields(cls):
+        if command and command not in f.metadata.get("stages", (command,)):
+            continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = "required" if required else f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
         lines.append(f"  {f.name:<18} {f.metadata.get('help', '')} ({default})")

@@ -14,8 +14,9 @@ import logging
 import time
 from pathlib import Path
 
-from modpo.cache import write_atomic
+from modpo.cache import stable_hash, write_atomic
 from modpo.demo import task
+from modpo.errors import ConfigError
 from modpo.front.sweep import run_front
 from modpo.run_config import FrontConfig, StageConfig
 from modpo.stages import run_preference, run_sft
@@ -25,34 +26,49 @@ logger = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 COMMON = {"report_to": [], "save_strategy": "no", "logging_steps": 50, "lr_scheduler_type": "constant",
           "disable_tqdm": True, "use_cpu": True, "dataloader_num_workers": 0}
+INIT = {"hidden_size": 64, "layers": 2, "heads": 4, "max_positions": 32}  # the initial model's shape
+INPUTS_FILE = "inputs.json"
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    if not path.exists():
-        write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    return str(path)
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
-def initial_model(folder: Path, seed: int) -> str:
+def prepare_inputs(out: Path, seed: int, overwrite: bool = False) -> dict[str, str]:
+    """The data files (out/data/*.jsonl) and the initial model (out/init) for `seed`.
+
+    out/inputs.json, written last, records a hash of their content: a folder already holding them for the same
+    seed is reused as it is; one holding them for another seed is replaced with --overwrite, refused without.
+    """
+    data = {"sft": task.sft_rows(3000, seed), "helpful": task.preference_rows(2000, "helpful", seed + 1),
+            "harmless": task.preference_rows(2000, "harmless", seed + 2)}
+    key = stable_hash({"data": data, "init": {**INIT, "seed": seed, "vocabulary": task.vocabulary()}})
+    paths = {name: str(out / "data" / f"{name}.jsonl") for name in data} | {"init": str(out / "init")}
+    record = out / INPUTS_FILE
+    previous = json.loads(record.read_text()) if record.exists() else None
+    if previous and previous.get("key") == key:
+        return paths
+    if previous and not overwrite:
+        raise ConfigError(f"{out} holds demo data and an initial model made otherwise (seed {previous.get('seed')}); "
+                          f"pass --overwrite to replace them with those for seed {seed}, or choose another --output-dir")
+    record.unlink(missing_ok=True)  # until the new inputs are all written
+    for name, rows in data.items():
+        write_jsonl(Path(paths[name]), rows)
     from modpo.models import tiny_causal_lm
 
-    if not (folder / "config.json").exists():
-        tokenizer = task.tokenizer()
-        model = tiny_causal_lm(len(tokenizer), hidden_size=64, layers=2, heads=4, seed=seed, max_positions=32)
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    tokenizer = task.tokenizer()
+    tiny_causal_lm(len(tokenizer), seed=seed, **INIT).save_pretrained(paths["init"])
+    tokenizer.save_pretrained(paths["init"])
+    write_atomic(record, lambda tmp: tmp.write_text(json.dumps({"seed": seed, "key": key}) + "\n"))
+    return paths
 
 
 def run_demo(output_dir: str = "runs/demo", weights=DEFAULT_WEIGHTS, seed: int = 0, beta: float = 0.1,
              overwrite: bool = False) -> dict:
     out = Path(output_dir)
     started = time.time()
-    data = out / "data"
-    sft_data = write_jsonl(data / "sft.jsonl", task.sft_rows(3000, seed))
-    helpful = write_jsonl(data / "helpful.jsonl", task.preference_rows(2000, "helpful", seed + 1))
-    harmless = write_jsonl(data / "harmless.jsonl", task.preference_rows(2000, "harmless", seed + 2))
-    init = initial_model(out / "init", seed)
+    inputs = prepare_inputs(out, seed, overwrite)
+    sft_data, helpful, harmless, init = inputs["sft"], inputs["helpful"], inputs["harmless"], inputs["init"]
 
     sft = run_sft(StageConfig(model=init, output_dir=str(out / "sft"), train_data=sft_data, training={
         **COMMON, "num_train_epochs": 4, "per_device_train_batch_size": 64, "learning_rate": 3e-3,
