@@ -388,8 +388,11 @@ def test_model_folder_missing_parts(capsys, tmp_path, holds):
         tok.save_pretrained(folder)
     data = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
     config, out = train_config(tmp_path, str(folder), data)
-    what = "a model" if holds == "tokenizer_only" else "a tokenizer"
-    assert_fails(capsys, ["train", "--config", config], out, f"cannot load {what} from {folder}: ")
+    if holds == "tokenizer_only":
+        assert_fails(capsys, ["train", "--config", config], out, f"cannot load a model from {folder}: ")
+    else:
+        assert_fails(capsys, ["train", "--config", config], out, f"cannot load a tokenizer from {folder}: the folder "
+                     "holds no tokenizer files")
 
 
 def test_lora_target_modules_the_model_lacks(capsys, tmp_path, base):

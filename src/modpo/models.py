@@ -41,8 +41,11 @@ def _check_exists(path: str) -> None:
 def _cannot_load(what: str, path: str, err: Exception) -> ConfigError:
     """One line for a failed load; a path that is no local folder was tried as a hub id, and the line says so."""
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if not Path(resolve(path)[0]).expanduser().exists():
+    folder = Path(resolve(path)[0]).expanduser()
+    if not folder.exists():
         reason = f"no local file or folder of that name, and as a hub id: {reason}"
+    elif what == "a tokenizer" and folder.is_dir() and not any(folder.glob("tokenizer*")):
+        reason = "the folder holds no tokenizer files (tokenizer.json, tokenizer_config.json); give `tokenizer:` a folder that does"
     return ConfigError(f"cannot load {what} from {path}: {reason}")
 
 
