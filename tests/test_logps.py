@@ -7,7 +7,7 @@ import torch
 
 from modpo import logps as logps_module
 from modpo.data.formats import pad
-from modpo.logps import _output_head, batched_sequence_logps, sequence_logps
+from modpo.logps import batched_sequence_logps, output_head, sequence_logps
 
 import tiny
 
@@ -54,7 +54,7 @@ def values_and_gradients(model, chunked, batch):
 def test_chunked_and_full_agree_in_value_and_gradient(lm):
     batch = padded_batch()
     assert batch[0].shape[1] > min(len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES))  # some rows are padded
-    assert _output_head(lm) is lm.lm_head  # the chunked path really is taken
+    assert output_head(lm) is lm.lm_head  # the chunked path really is taken
     full_values, full_grads = values_and_gradients(lm, False, batch)
     chunked_values, chunked_grads = values_and_gradients(lm, True, batch)
     assert full_values.dtype == torch.float32 and full_values.shape == (4,)
@@ -127,9 +127,9 @@ def test_unusual_heads_fall_back_to_the_full_path(attribute, value, monkeypatch)
     tok = tiny.tokenizer()
     model = tiny.model(len(tok), seed=2)
     model.eval()
-    assert _output_head(model) is not None
+    assert output_head(model) is not None
     setattr(model.config, attribute, value)
-    assert _output_head(model) is None
+    assert output_head(model) is None
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the chunked path ran for a model whose head is not a plain Linear")
@@ -149,9 +149,9 @@ def test_output_head_through_a_wrapper_and_on_a_non_linear_head():
             super().__init__()
             self.module = module
 
-    assert _output_head(Wrapper(model)) is model.lm_head
+    assert output_head(Wrapper(model)) is model.lm_head
     model.set_output_embeddings(torch.nn.Sequential(model.lm_head))
-    assert _output_head(model) is None
+    assert output_head(model) is None
 
 
 def test_peft_model_chunked_equals_full():
@@ -164,7 +164,7 @@ def test_peft_model_chunked_equals_full():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     model.eval()
-    assert _output_head(model) is not None
+    assert output_head(model) is not None
     batch = padded_batch()
     with torch.no_grad():
         chunked, full = sequence_logps(model, *batch, chunked=True), sequence_logps(model, *batch, chunked=False)

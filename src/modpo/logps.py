@@ -20,7 +20,7 @@ import torch.nn.functional as F
 LOGITS_ELEMENTS_PER_CHUNK = 1 << 26
 
 
-def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The LM head as a plain Linear, or None where chunking would change the model's maths."""
     inner = getattr(model, "module", model)  # DDP-style wrappers
     config = getattr(inner, "config", None)
@@ -149,7 +149,7 @@ def sequence_logps(
         from modpo.packing import check_flash_alignment
 
         check_flash_alignment(input_ids.device, _compute_dtype(next(model.parameters())))
-    head = _output_head(model) if chunked else None
+    head = output_head(model) if chunked else None
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **model_inputs}
     if head is not None:
         with _bypassed(model, head):

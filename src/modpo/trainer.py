@@ -22,7 +22,7 @@ from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint
 from modpo.config import MODPOConfig
 from modpo.data.formats import PreferenceCollator, tokenize_preferences
 from modpo.errors import ConfigError
-from modpo.logps import _output_head, batched_pair_logps, batched_sequence_logps, sequence_logps
+from modpo.logps import batched_pair_logps, batched_sequence_logps, output_head, sequence_logps
 from modpo.loss import modpo_loss
 from modpo.margins import compute_margin_rewards
 
@@ -60,7 +60,7 @@ def chunked_logps_conflict(model: torch.nn.Module, zero3: bool = False, fsdp: bo
     if fsdp:
         return "FSDP shards the LM head weight and gathers it only inside the model's forward"
     if ddp_find_unused:
-        head = _output_head(model)
+        head = output_head(model)
         inner = getattr(model, "module", model)
         embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
         tied = head is not None and getattr(embeddings, "weight", None) is head.weight
