@@ -200,6 +200,14 @@ def test_changed_inputs_are_not_reused(capsys, monkeypatch, tmp_path, base, data
     assert (out / "model.safetensors").read_bytes() != before  # trained again, on the swapped pairs
     assert json.loads((out / "modpo_run.json").read_text())["config_hash"] != record["config_hash"]
 
+    # a record written before input contents were recorded is judged by its config alone
+    legacy = json.loads((out / "modpo_run.json").read_text())
+    del legacy["inputs"]
+    (out / "modpo_run.json").write_text(json.dumps(legacy))
+    write_jsonl(pairs, rows)
+    assert_rerun_is_noop(capsys, monkeypatch, "dpo", config, out, MODPOTrainer)
+    monkeypatch.undo()
+
     (out / "modpo_run.json").write_text('{"stage": "dpo", "conf')  # a torn record
     code, _, err = run(capsys, "dpo", "--config", config)
     assert code == 2 and err.strip().splitlines() == [

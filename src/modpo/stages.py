@@ -192,10 +192,13 @@ def check_output_dir(cfg: StageConfig, stage: str, overwrite: bool, identity: di
                           "again") from None
     if previous.get("config_hash") == identity["config_hash"]:
         return True
+    same_config = previous.get("stage") == stage and previous.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if same_config and "inputs" not in previous:  # recorded before input contents were: judged by its config alone
+        return not overwrite
     if overwrite:
         return False
-    if previous.get("stage") == stage and previous.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg))):
-        before = previous.get("inputs") or {}
+    if same_config:
+        before = previous["inputs"]
         changed = [path for path, stamp in identity["inputs"].items() if before.get(path) != stamp]
         raise ConfigError(f"{cfg.output_dir} holds this {stage} run trained on inputs that have changed since "
                           f"({', '.join(changed) or 'unknown'}); pass --overwrite to train again")
