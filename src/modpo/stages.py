@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -137,8 +138,15 @@ def _file_stamp(path: Path) -> str:
     stat = path.stat()
     if stat.st_size > HASHED_FILE_BYTES:
         return f"size {stat.st_size}, modified {stat.st_mtime_ns}"
+    return _content_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _content_hash(path: str, size: int, modified_ns: int) -> str:
+    """SHA-256 of a file, read once per process while its size and modification time stay the same (the points
+    of a front read the same data and models)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return "sha256 " + digest.hexdigest()
@@ -373,8 +381,8 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     with whole_weights():  # the precompute runs plain forward passes on them, also under ZeRO-3
         model, tokenizer = _load(cfg)
         ref_model = load_model(cfg.ref_model, dtype=cfg.dtype) if cfg.ref_model else None
-        sources = margin_sources(cfg.margins, tokenizer, args.max_length, prefix_sharing=args.prefix_sharing,
-                                 append_eos=args.append_eos)
+    sources = margin_sources(cfg.margins, tokenizer, args.max_length, prefix_sharing=args.prefix_sharing,
+                             append_eos=args.append_eos)  # margin models load whole by themselves
     train, train_name = load_data(cfg.train_data, "train_data")
     evaluation, eval_name = load_data(cfg.eval_data, "eval_data")
     trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
