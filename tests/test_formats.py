@@ -9,7 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from modpo.data.formats import PreferenceCollator, check_preference_row, render, tokenize_preferences
+from modpo.data.encode import encode
+from modpo.data.formats import PreferenceCollator, check_preference_row, tokenize_preferences
 from modpo.errors import DataError
 
 import tiny
@@ -54,12 +55,11 @@ def test_chat_rows_use_the_template_and_share_the_prompt():
         {"prompt": "p2", "chosen": [{"role": "assistant", "content": "d"}],  # text prompt -> one user message
          "rejected": [{"role": "assistant", "content": "e f g"}]},
     ]
-    # Render the template here by hand: "<role> content " per message, then "<assistant> " to prompt a reply.
-    expected_prompts = ["<system> p3 <user> p0 p1 <assistant>", "<user> p2 <assistant>"]
+    # Render the template here by hand: "<role> content <eos> " per message, then "<assistant> " to prompt a reply.
+    expected_prompts = ["<system> p3 <eos> <user> p0 p1 <eos> <assistant>", "<user> p2 <eos> <assistant>"]
     for row, expected in zip(rows, expected_prompts):
-        prompt_chosen, _ = render(row["prompt"], row["chosen"], tok)
-        prompt_rejected, _ = render(row["prompt"], row["rejected"], tok)
-        assert prompt_chosen == prompt_rejected and prompt_chosen.split() == expected.split()
+        prompt_ids, _ = encode(row["prompt"], [row["chosen"], row["rejected"]], tok)
+        assert prompt_ids == ids(tok, expected)
     out = tokenize_preferences(Dataset.from_list([rows[0]]), tok, max_length=64)
     second = tokenize_preferences(Dataset.from_list([rows[1]]), tok, max_length=64)[0]
     first = out[0]
@@ -76,7 +76,7 @@ def test_chat_rows_without_a_template_name_the_field():
                                "rejected": [{"role": "assistant", "content": "b"}]}])
     with pytest.raises(DataError) as error:
         tokenize_preferences(data, tiny.tokenizer(), max_length=64, file="chat.jsonl")
-    assert "chat.jsonl" in str(error.value) and "row 1" in str(error.value) and "chat template" in str(error.value)
+    assert str(error.value).startswith("chat.jsonl[0], ") and "chat template" in str(error.value)
     assert error.value.field == "chosen"
 
 
@@ -111,14 +111,54 @@ def test_no_warning_when_nothing_is_truncated(caplog):
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
 
 
-def test_prompt_that_fills_max_length_is_refused():
-    tok = tiny.tokenizer()
-    rows = [{"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "p0 p1 p2 p3", "chosen": "a", "rejected": "b"}]
+LONG = [{"prompt": "p0", "chosen": "a", "rejected": "b"},
+        {"prompt": "p0 p1 p2 p3 p0 p1", "chosen": "a b", "rejected": "c"},
+        {"prompt": "p1", "chosen": "c", "rejected": "d e"}]
+
+
+def test_long_prompt_is_refused_on_request():
     with pytest.raises(DataError) as error:
-        tokenize_preferences(Dataset.from_list(rows), tok, max_length=4, file="data/prefs.jsonl")
+        tokenize_preferences(Dataset.from_list(LONG), tiny.tokenizer(), max_length=6, file="train_dataset",
+                             long_prompts="refuse")
     message = str(error.value)
-    assert "data/prefs.jsonl" in message and "row 2" in message and "'prompt'" in message and "max_length=4" in message
-    assert (error.value.row, error.value.field) == (2, "prompt")
+    assert message.startswith("train_dataset[1], field 'prompt': 6 tokens") and "max_length=6" in message
+    assert (error.value.index, error.value.field) == (1, "prompt")
+
+
+def test_long_prompt_keeps_its_end_by_default(caplog):
+    tok = tiny.tokenizer()
+    with caplog.at_level(logging.WARNING, logger="modpo.data.encode"):
+        out = tokenize_preferences(Dataset.from_list(LONG), tok, max_length=6, file="train_dataset")
+    assert len(out) == 3
+    assert out[1]["prompt_ids"] == ids(tok, "p0 p1 p2 p3 p0 p1")[-3:]  # the last max_length // 2 tokens
+    assert out[1]["chosen_ids"] == ids(tok, "a b") + [tok.eos_token_id]
+    assert out[0]["prompt_ids"] == ids(tok, "p0")  # rows that fit are untouched
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert lines == ["train_dataset: 1 of 3 prompts were too long for max_length=6 and were cut from the left, "
+                     "keeping their end (indexes 1)"]
+
+
+def test_long_prompt_row_is_dropped_on_request(caplog):
+    tok = tiny.tokenizer()
+    rows = [{**row, "source_row": 10 + i} for i, row in enumerate(LONG)]  # as the loaders keep the file's lines
+    with caplog.at_level(logging.WARNING, logger="modpo.data.encode"):
+        out = tokenize_preferences(Dataset.from_list(rows), tok, max_length=6, file="prefs.jsonl", long_prompts="drop")
+    assert out["row_index"] == [0, 2] and out["prompt_ids"] == [ids(tok, "p0"), ids(tok, "p1")]
+    assert any("prefs.jsonl: 1 of 3 rows were dropped" in r.getMessage() and "(rows 11)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_max_prompt_length_makes_prompts_long():
+    tok = tiny.tokenizer()
+    out = tokenize_preferences(Dataset.from_list(LONG), tok, max_length=64, max_prompt_length=2)
+    assert out[1]["prompt_ids"] == ids(tok, "p0 p1")  # its last two tokens
+    assert out[0]["prompt_ids"] == ids(tok, "p0")
+
+
+def test_an_empty_dataset_is_one_clear_error():
+    with pytest.raises(DataError) as error:
+        tokenize_preferences(Dataset.from_list([]), tiny.tokenizer(), max_length=8, file="train_dataset")
+    assert str(error.value) == "train_dataset: no rows"
 
 
 def test_response_that_tokenizes_to_nothing_is_refused():
@@ -137,7 +177,7 @@ def test_response_that_tokenizes_to_nothing_is_refused():
     rows = [{"prompt": "p0", "chosen": "a", "rejected": "b"}]
     with pytest.raises(DataError) as error:
         tokenize_preferences(Dataset.from_list(rows), DropsB(), max_length=8, file="prefs.jsonl", append_eos=False)
-    assert (error.value.row, error.value.field) == (1, "rejected") and "tokenizes to no tokens" in str(error.value)
+    assert (error.value.index, error.value.field) == (0, "rejected") and "tokenizes to no tokens" in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------ collating
@@ -235,4 +275,8 @@ def test_tokenize_names_the_failing_row():
     rows[2]["rejected_margins"] = [float("nan")]
     with pytest.raises(DataError) as error:
         tokenize_preferences(Dataset.from_list(rows), tiny.tokenizer(), max_length=64, file="m.jsonl", num_margins=1)
-    assert "m.jsonl" in str(error.value) and "row 3" in str(error.value) and "'rejected_margins'" in str(error.value)
+    assert str(error.value).startswith("m.jsonl[2], field 'rejected_margins'")  # dataset[2], as Python indexes it
+    rows = [{**row, "source_row": i + 1} for i, row in enumerate(rows)]  # rows read from a file name its line
+    with pytest.raises(DataError) as error:
+        tokenize_preferences(Dataset.from_list(rows), tiny.tokenizer(), max_length=64, file="m.jsonl", num_margins=1)
+    assert str(error.value).startswith("m.jsonl, row 3, field 'rejected_margins'")

@@ -144,13 +144,15 @@ def test_reward_model_by_path_equals_a_direct_forward(reward_model_dir):
         assert scores.shape == (4, 2)
         for i, row in enumerate(rows[:4]):
             with torch.no_grad():
-                logits = model(**tok(row["prompt"] + row[side], return_tensors="pt")).logits[0]
+                # as TRL's RewardTrainer trains on text rows: prompt + response + eos
+                sequence = tok(row["prompt"])["input_ids"] + tok(row[side], add_special_tokens=False)["input_ids"]
+                logits = model(torch.tensor([sequence + [tok.eos_token_id]])).logits[0]
             assert torch.allclose(scores[i], logits[[0, 2]], atol=1e-5), (i, side)
     # A chat row is rendered with the chat template.
     chat = rows[4]
     text = tok.apply_chat_template(chat["prompt"] + chat["rejected"], tokenize=False)
     with torch.no_grad():
-        expected = model(**tok(text, return_tensors="pt")).logits[0, [0, 2]]
+        expected = model(torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])).logits[0, [0, 2]]
     assert torch.allclose(source.score(Dataset.from_list([chat]), "rejected")[0], expected, atol=1e-5)
 
 

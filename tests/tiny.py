@@ -19,11 +19,29 @@ RESPONSE_WORDS = ["a", "b", "c", "d", "e", "f", "g", "h"]
 ROLE_WORDS = ["<user>", "<assistant>", "<system>"]
 WORDS = PROMPT_WORDS + RESPONSE_WORDS + ROLE_WORDS
 
-# A Jinja chat template the word tokenizer can read: every role marker and every word is one token.
+# A Jinja chat template the word tokenizer can read: every role marker and every word is one token, and every
+# turn ends with <eos>, as real templates end theirs with an end-of-turn token.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
     "{% if add_generation_prompt %}<assistant> {% endif %}"
 )
+
+# Two real chat-template conventions, as their models ship them.
+# ChatML (SmolLM2-135M-Instruct): a default system message; every turn ends "<|im_end|>\n"; eos = pad = <|im_end|>.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama 3: BOS written by the template (and also added by the tokenizer to plain text); turns end with <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+BPE_CORPUS = ("Hello friend, how are you today? I am fine, thank you. Tell me a story about a cat and a dog. "
+              "The cat sat on the mat. The dog ran in the park! Write a short poem. Sure, here it is: roses are red.")
 
 
 def tokenizer(chat: bool = False, words: list[str] | None = None):
@@ -32,6 +50,30 @@ def tokenizer(chat: bool = False, words: list[str] | None = None):
     if chat:
         tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+def bpe_tokenizer(convention: str):
+    """A byte-level BPE tokenizer trained here on a few sentences, with the special tokens and chat template of
+    `convention`: "chatml" (SmolLM2 style) or "llama3" (BOS inside the template, turns end with <|eot_id|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                           "<|eot_id|>", "<|finetune_right_pad_id|>"]}[convention]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator([BPE_CORPUS] * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if convention == "chatml":
+        return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                       bos_token="<|im_start|>", chat_template=CHATML_TEMPLATE)
+    bos = core.token_to_id("<|begin_of_text|>")
+    core.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                        special_tokens=[("<|begin_of_text|>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|finetune_right_pad_id|>", chat_template=LLAMA3_TEMPLATE)
 
 
 def model(vocab_size: int, seed: int = 0, hidden_size: int = 32, layers: int = 1, heads: int = 2, **kwargs):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from modpo.data.encode import LONG_PROMPTS
 from modpo.loss import LOSS_TYPES, validate_weights
 
 
@@ -23,9 +24,18 @@ class MODPOConfig(TrainingArguments):
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of {LOSS_TYPES}."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative-DPO label smoothing eps in [0, 0.5)."})
     max_length: int = field(default=1024, metadata={"help": "Max tokens of prompt + response; longer responses are "
-                                                            "truncated (and counted), prompts that leave no room are refused."})
-    append_eos: bool = field(default=True, metadata={"help": "End every response with the tokenizer's eos token, so the "
-                                                             "policy learns where to stop."})
+                                                            "truncated from the right (and counted in one warning)."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompts longer than this are long prompts "
+                                                                         "(default: only those leaving no room within "
+                                                                         "max_length); a truncated prompt keeps this many "
+                                                                         "tokens (default max_length // 2)."})
+    long_prompts: str = field(default="truncate", metadata={"help": f"What a long prompt does: one of {LONG_PROMPTS}: "
+                                                                   "truncate keeps its end (the latest turns), drop "
+                                                                   "leaves the row out, refuse stops with an error. "
+                                                                   "One warning line counts and names them."})
+    append_eos: bool = field(default=True, metadata={"help": "End every text response with the tokenizer's eos token, "
+                                                             "so the policy learns where to stop (as TRL). Chat "
+                                                             "responses end where the chat template ends the turn."})
     chunked_logps: bool = field(default=True, metadata={"help": "Apply the LM head to response tokens only, in chunks, "
                                                                "without materialising full-vocabulary fp32 logits."})
     padding_free: bool = field(default=False, metadata={"help": "Pack each batch's sequences into one row without pad "
@@ -58,3 +68,8 @@ class MODPOConfig(TrainingArguments):
                              f"not {self.loss_type!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length = {self.max_length} must be at least 2")
+        if self.long_prompts not in LONG_PROMPTS:
+            raise ValueError(f"long_prompts = {self.long_prompts!r}; expected one of {LONG_PROMPTS}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length = {self.max_prompt_length} must be at least 1 and below "
+                             f"max_length = {self.max_length}")

@@ -6,11 +6,14 @@ class ModpoError(Exception):
 
 
 class DataError(ModpoError, ValueError):
-    """A problem in the user's data: names the file, the 1-based row and the field."""
+    """A problem in the user's data: names the file, the 1-based row and the field.
 
-    def __init__(self, file, row, field, message):
-        self.file, self.row, self.field = str(file), row, field
-        where = f"{self.file}" + (f", row {row}" if row is not None else "") + (f", field '{field}'" if field else "")
+    Rows of an in-memory dataset are named as Python indexes them: `index` gives `train_dataset[37]`."""
+
+    def __init__(self, file, row, field, message, index: int | None = None):
+        self.file, self.row, self.field, self.index, self.message = str(file), row, field, index, message
+        where = f"{self.file}[{index}]" if index is not None else self.file
+        where += (f", row {row}" if row is not None else "") + (f", field '{field}'" if field else "")
         super().__init__(f"{where}: {message}")
 
 

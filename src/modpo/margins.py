@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint, stable_hash, tokenizer_fingerprint
-from modpo.data.formats import render
+from modpo.data.encode import ENCODER_VERSION, encode, fit, scoring_ids, sequence_ids
+from modpo.data.formats import pad
 from modpo.errors import DataError
 from modpo.logps import batched_pair_logps, batched_sequence_logps
 
@@ -160,19 +161,20 @@ class RewardModelMargins(MarginSource):
     def score(self, dataset, side):
         from tqdm.auto import tqdm
 
-        texts = ["".join(render(p, r, self.tokenizer)) for p, r in zip(dataset["prompt"], dataset[side])]
+        # The tokens TRL's RewardTrainer trains on (`modpo.data.encode.sequence_ids`), the end kept when too long.
+        sequences = [sequence_ids(p, r, self.tokenizer, self.max_length) for p, r in zip(dataset["prompt"], dataset[side])]
         device = next(self.model.parameters()).device
         self.model.eval()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = torch.zeros(len(texts), self.num_objectives)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = pad_id
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        out = torch.zeros(len(sequences), self.num_objectives)
         for start in tqdm(range(0, len(order), self.batch_size), desc=f"{self.name} ({side})", leave=False):
             rows = order[start : start + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in rows], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="pt")
-            if self.model.config.pad_token_id is None:
-                self.model.config.pad_token_id = pad_id
-            logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits.float()
+            input_ids = pad([sequences[i] for i in rows], pad_id).to(device)
+            attention_mask = pad([[1] * len(sequences[i]) for i in rows], 0).to(device)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
             out[rows] = logits[:, self.outputs].cpu()
         return out
 
@@ -211,16 +213,10 @@ class ImplicitRewardMargins(MarginSource):
                 "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
     def _token_ids(self, dataset, side) -> tuple[list, list]:
-        prompt_ids, response_ids = [], []
-        for p, r in zip(dataset["prompt"], dataset[side]):
-            prompt_text, response_text = render(p, r, self.tokenizer)
-            ids_p = self.tokenizer(prompt_text, add_special_tokens=isinstance(p, str))["input_ids"]
-            ids_r = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
-            if self.append_eos and (not ids_r or ids_r[-1] != self.tokenizer.eos_token_id):
-                ids_r = ids_r + [self.tokenizer.eos_token_id]
-            prompt_ids.append(ids_p[-(self.max_length - 1):])
-            response_ids.append(ids_r[: max(1, self.max_length - len(prompt_ids[-1]))])
-        return prompt_ids, response_ids
+        """Prompt and response ids of one side, encoded as training encodes them (`modpo.data.encode`)."""
+        pairs = [scoring_ids(p, r, self.tokenizer, self.max_length, self.append_eos)
+                 for p, r in zip(dataset["prompt"], dataset[side])]
+        return [p for p, _ in pairs], [r for _, r in pairs]
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -245,8 +241,13 @@ class ImplicitRewardMargins(MarginSource):
     def score_pairs(self, dataset):
         if not self.prefix_sharing:
             return super().score_pairs(dataset)
-        prompt_ids, chosen_ids = self._token_ids(dataset, "chosen")
-        _, rejected_ids = self._token_ids(dataset, "rejected")
+        prompt_ids, chosen_ids, rejected_ids = [], [], []
+        for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]):
+            ids_p, responses = encode(p, [c, r], self.tokenizer, self.append_eos)
+            fitted = fit(ids_p, [ids or [self.tokenizer.eos_token_id] for ids in responses], self.max_length)
+            prompt_ids.append(fitted.prompt_ids)
+            chosen_ids.append(fitted.response_ids[0])
+            rejected_ids.append(fitted.response_ids[1])
         args = (prompt_ids, chosen_ids, rejected_ids, self._pad_id(), self.batch_size)
         both = self._both_models(lambda model, role: torch.stack(batched_pair_logps(
             model, *args, desc=f"{self.name} {role}")))
@@ -264,7 +265,7 @@ def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=N
     chosen, rejected = [], []
     for source in sources:
         extra = [c for side in SIDES for c in getattr(source, "columns", {}).get(side, [])]
-        key = {"source": source.identity(), "data": data_key,
+        key = {"source": source.identity(), "data": data_key, "encoder": ENCODER_VERSION,
                "extra": columns_fingerprint(dataset, extra) if extra else None}
 
         def compute(source=source):

@@ -94,9 +94,10 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
     if has_columns and not num_margins:
         dataset = dataset.remove_columns([c for c in ("chosen_margins", "rejected_margins") if c in dataset.column_names])
     tokenized = tokenize_preferences(dataset, tokenizer, args.max_length, file=name,
-                                     num_margins=num_margins if has_columns else None, append_eos=args.append_eos)
-    if margin_sources:
-        chosen, rejected = compute_margin_rewards(margin_sources, dataset, args.cache_dir, data_name=name)
+                                     num_margins=num_margins if has_columns else None, append_eos=args.append_eos,
+                                     long_prompts=args.long_prompts, max_prompt_length=args.max_prompt_length)
+    if margin_sources:  # on the rows training keeps (a dropped long prompt leaves its row out everywhere)
+        chosen, rejected = compute_margin_rewards(margin_sources, tokenized, args.cache_dir, data_name=name)
         if chosen.shape[1] != num_margins:
             raise ConfigError(f"margin sources give {chosen.shape[1]} objectives but weights {args.weights} "
                               f"expect {num_margins}")

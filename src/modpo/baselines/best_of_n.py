@@ -37,13 +37,12 @@ def sample_candidates(model, tokenizer, prompts: list, settings, n: int) -> tupl
     Returns (candidates, forward tokens of sampling: prompt plus generated tokens of every sequence; exact
     when min_new_tokens == max_new_tokens, as on the demo task, an upper bound otherwise).
     """
-    from modpo.data.formats import render
+    from modpo.data.encode import encode_prompt
     from modpo.front.generate import sample_responses
 
     pool = replace(settings, samples_per_prompt=settings.samples_per_prompt * n)
     candidates = sample_responses(model, tokenizer, prompts, pool, desc=f"best-of-{n} candidates")
-    prompt_tokens = sum(len(tokenizer(render(p, "", tokenizer)[0] if not isinstance(p, str) else p,
-                                      add_special_tokens=isinstance(p, str))["input_ids"]) for p in prompts)
+    prompt_tokens = sum(len(encode_prompt(p, tokenizer)) for p in prompts)
     tokens = pool.samples_per_prompt * prompt_tokens + len(candidates) * settings.max_new_tokens
     return candidates, tokens
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from modpo.data.formats import render
+from modpo.data.encode import scoring_ids
 from modpo.logps import batched_sequence_logps
 
 
@@ -33,7 +33,7 @@ class ImplicitRewards:
     """(N, K) rewards of K DPO models against one reference, for lists of prompts and responses."""
 
     def __init__(self, models: Mapping[str, object], reference, tokenizer=None, beta: float = 0.1,
-                 append_eos: bool = False, batch_size: int = 256, device: str | None = None):
+                 append_eos: bool = False, batch_size: int = 256, device: str | None = None, max_length: int = 1024):
         """`models` maps an objective name to a DPO model (path or module); `reference` is their reference.
 
         `append_eos` must match how the DPO models were trained (the demo trains without eos), so that
@@ -54,7 +54,7 @@ class ImplicitRewards:
                 raise ValueError("give tokenizer when reference is not a path")
             tokenizer = load_tokenizer(reference)
         self.tokenizer = tokenizer
-        self.beta, self.append_eos, self.batch_size = beta, append_eos, batch_size
+        self.beta, self.append_eos, self.batch_size, self.max_length = beta, append_eos, batch_size, max_length
         self.forward_tokens = 0
         self._last: tuple[tuple, torch.Tensor] | None = None
 
@@ -63,16 +63,10 @@ class ImplicitRewards:
                 "append_eos": self.append_eos}
 
     def token_ids(self, prompts: Sequence, responses: Sequence) -> tuple[list[list[int]], list[list[int]]]:
-        prompt_ids, response_ids = [], []
-        for p, r in zip(prompts, responses, strict=True):
-            prompt_text, response_text = render(p, r, self.tokenizer)
-            ids_p = self.tokenizer(prompt_text, add_special_tokens=isinstance(p, str))["input_ids"]
-            ids_r = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
-            if self.append_eos or not ids_r:  # an empty response still scores one token (eos)
-                ids_r = ids_r + [self.tokenizer.eos_token_id]
-            prompt_ids.append(ids_p)
-            response_ids.append(ids_r)
-        return prompt_ids, response_ids
+        """Prompt and response ids as training encodes them (`modpo.data.encode`); an empty response scores eos."""
+        pairs = [scoring_ids(p, r, self.tokenizer, self.max_length, self.append_eos)
+                 for p, r in zip(prompts, responses, strict=True)]
+        return [p for p, _ in pairs], [r for _, r in pairs]
 
     @torch.inference_mode()
     def score(self, prompts: Sequence, responses: Sequence) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modpo.data.encode import FitReport, encode, fit
 from modpo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,18 @@ def missing_preference(example: dict) -> tuple[str, str] | None:
     return None
 
 
-def check_preference_row(example: dict, row: int, file: str = "dataset", num_margins: int | None = None) -> None:
-    """Raise DataError (file, 1-based row, field) if `example` is not a usable preference row."""
+def check_preference_row(example: dict, row: int | None, file: str = "dataset", num_margins: int | None = None,
+                         index: int | None = None) -> None:
+    """Raise DataError (file, 1-based row or dataset index, field) if `example` is not a usable preference row."""
+    try:
+        _check_preference_row(example, row, file, num_margins)
+    except DataError as err:
+        if index is None:
+            raise
+        raise DataError(file, None, err.field, err.message, index=index) from None
+
+
+def _check_preference_row(example: dict, row: int | None, file: str, num_margins: int | None) -> None:
     for field in TEXT_FIELDS:
         if field not in example or example[field] is None:
             raise DataError(file, row, field, f"missing; a preference row needs {', '.join(TEXT_FIELDS)}")
@@ -108,79 +119,63 @@ def check_sft_rows(dataset, file: str) -> None:
                                                       "messages, or text")
 
 
-def render(prompt, response, tokenizer) -> tuple[str, str]:
-    """(prompt text, response text) with the chat template applied when the row is conversational."""
-    if isinstance(prompt, str) and isinstance(response, str):
-        return prompt, response
-    prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    response_messages = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("chat messages given but the tokenizer has no chat template")
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
-    return prompt_text, full_text[len(prompt_text):]
+def tokenize_row(example: dict, tokenizer, max_length: int, row, file: str, report: FitReport,
+                 append_eos: bool = True, long_prompts: str = "truncate", max_prompt_length: int | None = None,
+                 index: int | None = None) -> dict | None:
+    """Token ids of one checked row (`modpo.data.encode`), fitted to `max_length`; None when the row is dropped.
 
-
-@dataclass
-class TokenizeStats:
-    rows: int = 0
-    truncated_responses: int = 0
-
-
-def tokenize_row(example: dict, tokenizer, max_length: int, row: int, file: str, stats: TokenizeStats,
-                 append_eos: bool = True) -> dict:
-    """Token ids of one checked row; responses are cut to fit `max_length` (and counted), prompts never."""
-    conversational = not isinstance(example["prompt"], str) or not isinstance(example["chosen"], str)
-    out = {}
-    responses = {}
-    for side in ("chosen", "rejected"):
-        try:
-            prompt_text, response_text = render(example["prompt"], example[side], tokenizer)
-        except ValueError as err:
-            raise DataError(file, row, side, str(err)) from None
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=not conversational)["input_ids"]
-        response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-        if append_eos and tokenizer.eos_token_id is not None and (not response_ids or response_ids[-1] != tokenizer.eos_token_id):
-            response_ids = response_ids + [tokenizer.eos_token_id]
-        out["prompt_ids"] = prompt_ids  # identical for both sides
-        responses[side] = response_ids
-    for side, ids in responses.items():
+    `row` is the file's 1-based line, or None with `index` for an in-memory dataset (named `file[index]`)."""
+    try:
+        prompt_ids, (chosen_ids, rejected_ids) = encode(example["prompt"], [example["chosen"], example["rejected"]],
+                                                        tokenizer, append_eos)
+    except ValueError as err:
+        raise DataError(file, row, "chosen", str(err), index=index) from None
+    for side, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
         if not ids:
-            raise DataError(file, row, side, "tokenizes to no tokens (nothing to score)")
-    prompt_ids = out["prompt_ids"]
+            raise DataError(file, row, side, "tokenizes to no tokens (nothing to score)", index=index)
     if not prompt_ids:
-        raise DataError(file, row, "prompt", "tokenizes to no tokens (the first response token could not be scored)")
-    if len(prompt_ids) >= max_length:
-        raise DataError(file, row, "prompt", f"{len(prompt_ids)} tokens, which leaves no room for a response within max_length={max_length}")
-    room = max_length - len(prompt_ids)
-    for side, ids in responses.items():
-        if len(ids) > room:
-            stats.truncated_responses += 1
-            ids = ids[:room]
-        out[f"{side}_ids"] = ids
-    stats.rows += 1
-    return out
+        raise DataError(file, row, "prompt", "tokenizes to no tokens (the first response token could not be scored)",
+                        index=index)
+    try:
+        fitted = fit(prompt_ids, [chosen_ids, rejected_ids], max_length, long_prompts, max_prompt_length)
+    except ValueError as err:
+        raise DataError(file, row, "prompt", str(err), index=index) from None
+    report.add(fitted, row if row is not None else index, responses=2)
+    if fitted is None:
+        return None
+    return {"prompt_ids": fitted.prompt_ids, "chosen_ids": fitted.response_ids[0], "rejected_ids": fitted.response_ids[1]}
 
 
 def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "dataset", num_margins: int | None = None,
-                         append_eos: bool = True):
-    """Check every row and add `prompt_ids`, `chosen_ids`, `rejected_ids`, `row_index` columns."""
-    stats = TokenizeStats()
+                         append_eos: bool = True, long_prompts: str = "truncate", max_prompt_length: int | None = None):
+    """Check every row and add `prompt_ids`, `chosen_ids`, `rejected_ids`, `row_index` columns.
+
+    Rows from a file name its 1-based line (the loaders keep it as `source_row`); rows of an in-memory dataset
+    are named as Python indexes them, `file[index]`. Rows whose long prompt is dropped leave the dataset, and one
+    warning line says how many prompts were cut or dropped, and which."""
+    if len(dataset) == 0:
+        raise DataError(file, None, None, "no rows")
+    report = FitReport()
 
     def convert(example, index):
-        row = example.get("source_row") or index + 1  # the file's row number when the loader kept it
-        check_preference_row(example, row, file, num_margins)
-        ids = tokenize_row(example, tokenizer, max_length, row, file, stats, append_eos)
-        return {**ids, "row_index": index}
+        row = example.get("source_row")  # the file's row number when the loader kept it
+        where = {"row": row, "index": None if row else index}
+        check_preference_row(example, row, file, num_margins, index=where["index"])
+        ids = tokenize_row(example, tokenizer, max_length, row, file, report, append_eos, long_prompts,
+                           max_prompt_length, index=where["index"])
+        keep = ids is not None
+        ids = ids or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+        return {**ids, "row_index": index, "_keep": keep}
 
     # In-process map: errors surface as DataError, not as a worker traceback.
     dataset = dataset.map(convert, with_indices=True, desc="tokenizing", load_from_cache_file=False)
-    if stats.truncated_responses:
-        logger.warning("%s: %d of %d responses were longer than max_length=%d and were truncated",
-                       file, stats.truncated_responses, 2 * stats.rows, max_length)
-    return dataset
+    if report.dropped:
+        dataset = dataset.filter(lambda keep: keep, input_columns="_keep", load_from_cache_file=False)
+        if len(dataset) == 0:
+            raise DataError(file, None, "prompt", f"every row was dropped: each prompt is too long for "
+                                                  f"max_length={max_length}")
+    report.warn(file, max_length, "rows" if "source_row" in dataset.column_names else "indexes")
+    return dataset.remove_columns("_keep")
 
 
 def pad(sequences: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:

@@ -154,13 +154,13 @@ def _rewards(ctx: Context):
 
 def preference_pass_tokens(path: str, tokenizer, append_eos: bool) -> int:
     """Non-pad tokens of one forward pass over every (prompt + chosen) and (prompt + rejected) of a file."""
-    from modpo.data.formats import tokenize_row, TokenizeStats
+    from modpo.data.encode import encode
     from modpo.data.loaders import read_records
 
-    total, stats = 0, TokenizeStats()
-    for i, row in enumerate(read_records(path)):
-        ids = tokenize_row(row, tokenizer, 10**9, i + 1, path, stats, append_eos)
-        total += 2 * len(ids["prompt_ids"]) + len(ids["chosen_ids"]) + len(ids["rejected_ids"])
+    total = 0
+    for row in read_records(path):
+        prompt_ids, responses = encode(row["prompt"], [row["chosen"], row["rejected"]], tokenizer, append_eos)
+        total += 2 * len(prompt_ids) + sum(map(len, responses))
     return total
 
 
