@@ -82,9 +82,10 @@ def encode(prompt, responses: Sequence, tokenizer, append_eos: bool = True) -> t
     return prompt_ids[:shared], [ids[shared:] for ids in conversations]
 
 
-def encode_prompt(prompt, tokenizer) -> list[int]:
-    """The ids a model is given to answer `prompt` (for sampling): the prompt part of `encode`."""
-    if isinstance(prompt, str):
+def encode_prompt(prompt, tokenizer, chat: bool | None = None) -> list[int]:
+    """The ids a model is given to answer `prompt` (for sampling): the prompt part of `encode`. A text prompt is
+    rendered as one user turn when `chat` (as `encode` does for a text prompt with message responses)."""
+    if isinstance(prompt, str) and not chat:
         return tokenizer(prompt)["input_ids"]
     return _template(tokenizer, _messages(prompt, "user"), add_generation_prompt=True)
 
