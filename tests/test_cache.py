@@ -14,7 +14,9 @@ from modpo.cache import (
     cached_tensors,
     columns_fingerprint,
     default_cache_dir,
+    config_fingerprint,
     model_fingerprint,
+    model_identity,
     stable_hash,
     write_atomic,
 )
@@ -170,6 +172,45 @@ def test_model_fingerprint_skip():
                 p.add_(1.0)
     assert model_fingerprint(peft_model, skip=skip) == before
     assert model_fingerprint(peft_model) != model_fingerprint(peft_model, skip=skip)
+
+
+def test_model_identity_adds_the_config_and_attention_to_the_weights():
+    """Settings that change log-probs but no weight (rope_theta, rms_norm_eps, the attention kernel) change the
+    identity; the name a model was loaded from and the transformers version do not."""
+    tok = tiny.tokenizer()
+    model = tiny.model(len(tok), seed=0)
+    base = model_identity(model)
+    assert base["weights"] == model_fingerprint(model) and base["attention"] == model.config._attn_implementation
+
+    def changed(change):
+        other = copy.deepcopy(model)
+        change(other)
+        assert model_fingerprint(other) == base["weights"]
+        return model_identity(other)
+
+    rope = changed(lambda m: setattr(m.config, "rope_parameters", {**m.config.rope_parameters, "rope_theta": 1e6}))
+    eps = changed(lambda m: setattr(m.config, "rms_norm_eps", 1e-3))
+    eager = changed(lambda m: m.set_attn_implementation("eager" if base["attention"] != "eager" else "sdpa"))
+    assert len({stable_hash(i) for i in (base, rope, eps, eager)}) == 4
+    assert rope["attention"] == eps["attention"] == base["attention"] != eager["attention"]
+    renamed = changed(lambda m: setattr(m.config, "_name_or_path", "/elsewhere/model"))
+    assert renamed == base and config_fingerprint(None) is None
+
+
+def test_margin_models_are_keyed_by_their_config():
+    from modpo.margins import ImplicitRewardMargins, RewardModelMargins
+
+    tok = tiny.tokenizer()
+    reward = tiny.model(len(tok), seed=0, num_labels=1)
+    policy, reference = tiny.model(len(tok), seed=1), tiny.model(len(tok), seed=2)
+    keys = [RewardModelMargins(reward, tokenizer=tok).identity(),
+            ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok).identity()]
+    for model in (reward, policy, reference):
+        model.config.rms_norm_eps = 0.25
+    again = [RewardModelMargins(reward, tokenizer=tok).identity(),
+             ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok).identity()]
+    assert again[0]["weights"] != keys[0]["weights"]
+    assert again[1]["model"] != keys[1]["model"] and again[1]["ref"] != keys[1]["ref"]
 
 
 def test_model_fingerprint_of_a_model_with_a_scalar_parameter():

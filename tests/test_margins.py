@@ -299,3 +299,59 @@ def test_callable_cache_key_covers_closure_values(tmp_path):
     compute_margin_rewards([CallableMargins(scaled(1.0), name="scaled")], data, tmp_path)
     chosen, _ = compute_margin_rewards([CallableMargins(scaled(10.0), name="scaled")], data, tmp_path)
     assert chosen[:, 0].tolist() == [10.0 * len(r["chosen"].split()) for r in tiny.rows(3, seed=19)]
+
+
+WORD_WEIGHT = 2.0  # a global value a margin function reads: not visible in its code
+
+
+def weighted_length(prompt, response) -> float:
+    return WORD_WEIGHT * len(response.split())
+
+
+class Scorer:
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def score(self, prompt, response) -> float:
+        return self.scale * len(response.split())
+
+    def __call__(self, prompt, response) -> float:
+        return self.score(prompt, response)
+
+
+@pytest.mark.parametrize("fn", [weighted_length, Scorer(2.0).score, Scorer(2.0)], ids=["global", "method", "object"])
+def test_callable_whose_code_does_not_decide_its_output_needs_a_version(fn):
+    with pytest.raises(ValueError, match="pass version=") as error:
+        CallableMargins(fn)
+    assert "\n" not in str(error.value)
+    assert CallableMargins(fn, version="1").identity()["version"] == "1"
+
+
+def test_callable_version_keys_the_cache(tmp_path):
+    rows = tiny.rows(4, seed=20)
+    data = Dataset.from_list(rows)
+    words = torch.tensor([[float(len(r["chosen"].split()))] for r in rows])
+    first, _ = compute_margin_rewards([CallableMargins(Scorer(2.0), name="scorer", version="1")], data, tmp_path)
+    second, _ = compute_margin_rewards([CallableMargins(Scorer(10.0), name="scorer", version="2")], data, tmp_path)
+    assert torch.equal(first, 2.0 * words) and torch.equal(second, 10.0 * words)
+    assert len(list((tmp_path / "margins").iterdir())) == 2
+    keys = {CallableMargins(weighted_length, version=v).identity()["version"] for v in ("a", "b")}
+    assert len(keys) == 2
+
+
+def test_callables_reading_only_modules_and_functions_need_no_version():
+    data = Dataset.from_list(tiny.rows(3, seed=21))
+    log_length = CallableMargins(lambda p, r: math.log1p(len(r.split())), name="log_length")
+    assert log_length.version is None and "captured" in log_length.identity()
+    assert log_length.score(data, "chosen")[:, 0].tolist() == pytest.approx(
+        [math.log1p(len(r.split())) for r in data["chosen"]])
+    assert CallableMargins(length_penalty).identity()["name"] == "length_penalty"
+
+
+def test_yaml_length_penalty_takes_a_version():
+    from modpo.stages import margin_sources
+
+    tok = tiny.tokenizer()
+    plain, versioned = margin_sources([{"type": "length_penalty"}, {"type": "length_penalty", "version": 2}], tok, 32)
+    assert plain.version is None and versioned.version == "2"
+    assert plain.identity() != versioned.identity()

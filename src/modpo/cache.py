@@ -41,6 +41,27 @@ def model_fingerprint(model: torch.nn.Module, skip: Callable[[str], bool] = lamb
     return digest.hexdigest()
 
 
+# Config fields that do not change what a model computes (its dtype is keyed with the weights).
+NOT_COMPUTE_CONFIG = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                      "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states",
+                      "return_dict")
+
+
+def config_fingerprint(config) -> str | None:
+    """Hash of a model config's settings (e.g. rope_theta, rms_norm_eps), without its name, version and dtype."""
+    if config is None:
+        return None
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    return stable_hash({k: v for k, v in values.items() if k not in NOT_COMPUTE_CONFIG})
+
+
+def model_identity(model: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False) -> dict:
+    """What decides a model's outputs: its weights (`model_fingerprint`, minus `skip`), config and attention kernel."""
+    config = getattr(model, "config", None)
+    return {"weights": model_fingerprint(model, skip=skip), "config": config_fingerprint(config),
+            "attention": getattr(config, "_attn_implementation", None)}
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what decides a tokenizer's output: vocabulary, special tokens and chat template."""
     return stable_hash({"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint, stable_hash, tokenizer_fingerprint
+from modpo.cache import cached_tensors, columns_fingerprint, model_identity, stable_hash, tokenizer_fingerprint
 from modpo.data.encode import ENCODER_VERSION, encode, fit, scoring_ids, sequence_ids
 from modpo.data.formats import pad
 from modpo.errors import DataError
@@ -75,23 +75,63 @@ class ColumnMargins(MarginSource):
         return out.float()
 
 
-class CallableMargins(MarginSource):
-    """A function of (prompt, response) returning a number, or a list of `num_objectives` numbers."""
+def _global_values(code) -> list[str]:
+    """Names a code object (and the functions nested in it) may read from its globals."""
+    names = list(code.co_names)
+    for constant in code.co_consts:
+        if inspect.iscode(constant):
+            names += _global_values(constant)
+    return names
 
-    def __init__(self, fn: Callable, name: str | None = None, num_objectives: int = 1):
+
+def unkeyed_state(fn: Callable) -> str | None:
+    """Why the source code and captured values of `fn` do not decide what it returns, or None when they do."""
+    if inspect.ismethod(fn):
+        return "it is a bound method, and its instance's state is not part of the cache key"
+    if not inspect.isfunction(fn):
+        return f"it is a callable {type(fn).__name__} object, and its state is not part of the cache key"
+    values = [name for name in dict.fromkeys(_global_values(fn.__code__)) if name in fn.__globals__
+              and not (inspect.ismodule(fn.__globals__[name]) or inspect.isclass(fn.__globals__[name])
+                       or inspect.isroutine(fn.__globals__[name]))]
+    if values:
+        return f"it reads the global value(s) {', '.join(values)}, which are not part of the cache key"
+    return None
+
+
+class CallableMargins(MarginSource):
+    """A function of (prompt, response) returning a number, or a list of `num_objectives` numbers.
+
+    Its scores are cached by its name, source code and captured values (closure cells, defaults). A function whose
+    behaviour these do not decide (a bound method, a callable object, a function reading global values) needs
+    `version`: a string that changes whenever its behaviour does; the key is then its name, version and code.
+    """
+
+    def __init__(self, fn: Callable, name: str | None = None, num_objectives: int = 1, version: str | None = None):
         self.fn, self.num_objectives = fn, num_objectives
-        self.name = name or getattr(fn, "__name__", "callable")
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.version = None if version is None else str(version)
+        reason = unkeyed_state(fn) if version is None else None
+        if reason:
+            raise ValueError(f"margin function {self.name}: {reason}; pass version= (a string that changes "
+                             "whenever its behaviour does)")
+
+    def _code(self) -> str:
+        for target in (self.fn, getattr(type(self.fn), "__call__", None)):
+            try:
+                return inspect.getsource(target)
+            except (OSError, TypeError):
+                continue
+        code = getattr(self.fn, "__code__", None)  # e.g. defined in an interactive session: its compiled code
+        return repr((code.co_code, code.co_consts, code.co_names)) if code is not None else ""
 
     def identity(self) -> dict:
-        """The function's code plus what it captured (closure cells, defaults), so variants never share a cache."""
-        try:
-            code = inspect.getsource(self.fn)
-        except (OSError, TypeError):
-            code = repr(self.fn)
+        """Name and code, plus the version when given, else what the function captured (closure cells, defaults)."""
+        key = {"type": "callable", "name": self.name, "code": hashlib.sha256(self._code().encode()).hexdigest()}
+        if self.version is not None:
+            return {**key, "version": self.version}
         captured = [repr(cell.cell_contents) for cell in (getattr(self.fn, "__closure__", None) or ())]
         captured.append(repr(getattr(self.fn, "__defaults__", None)))
-        return {"type": "callable", "name": self.name, "code": hashlib.sha256(code.encode()).hexdigest(),
-                "captured": stable_hash(captured)}
+        return {**key, "captured": stable_hash(captured)}
 
     def _numbers(self, value) -> list[float] | None:
         values = [value] if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool) else value
@@ -154,7 +194,7 @@ class RewardModelMargins(MarginSource):
         return f"{self.name} ({self.path or 'model object'}{outputs})"
 
     def identity(self) -> dict:
-        return {"type": "reward_model", "weights": model_fingerprint(self.model), "outputs": self.outputs,
+        return {"type": "reward_model", "weights": model_identity(self.model), "outputs": self.outputs,
                 "max_length": self.max_length, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
     @torch.inference_mode()
@@ -207,8 +247,8 @@ class ImplicitRewardMargins(MarginSource):
         return f"{self.name} ({self.path or 'model object'}; {reference}; beta {self.beta:g})"
 
     def identity(self) -> dict:
-        ref = model_fingerprint(self.ref_model) if self.ref_model is not None else "adapter-disabled"
-        return {"type": "implicit_reward", "model": model_fingerprint(self.model), "ref": ref, "beta": self.beta,
+        ref = model_identity(self.ref_model) if self.ref_model is not None else "adapter-disabled"
+        return {"type": "implicit_reward", "model": model_identity(self.model), "ref": ref, "beta": self.beta,
                 "max_length": self.max_length, "append_eos": self.append_eos,
                 "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 

@@ -24,14 +24,15 @@ class StageConfig:
                                                      "attribute_ratings|jsonl, path: ..., ...}."})
     eval_data: typing.Any = field(default=None, metadata={"help": "Evaluation data, same forms as train_data."})
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path (default: the model's)."})
-    ref_model: str | None = field(default=None, metadata={"help": "Reference model (default: the starting model; "
-                                                                  "under LoRA the base with adapters off).",
+    ref_model: str | None = field(default=None, metadata={"help": "Reference model, as loaded (default: the starting "
+                                                                  "model as it starts training; an adapter folder "
+                                                                  "with a lora config is merged first).",
                                                           "stages": ("dpo", "train")})
     margins: list = field(default_factory=list, metadata={
         "help": "Margin reward sources for objectives 1..K-1, in order. Each is {type: implicit_reward, model, "
                 "ref_model?, beta, prefix_sharing? (default: training's)} | {type: reward_model, model, outputs?} | "
                 "{type: columns, chosen: [...], "
-                "rejected: [...]} | {type: length_penalty}. Or give chosen_margins/rejected_margins columns.",
+                "rejected: [...]} | {type: length_penalty, version?}. Or give chosen_margins/rejected_margins columns.",
         "stages": ("train",)})
     lora: dict | None = field(default=None, metadata={"help": "LoRA settings (peft.LoraConfig fields: r, lora_alpha, "
                                                               "target_modules, ...); null trains all weights."})

@@ -88,7 +88,8 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing
             elif kind == "columns":
                 sources.append(m.ColumnMargins(spec.pop("chosen"), spec.pop("rejected"), **spec))
             elif kind == "length_penalty":
-                sources.append(m.CallableMargins(m.length_penalty, name="length_penalty"))
+                sources.append(m.CallableMargins(m.length_penalty, name=spec.pop("name", "length_penalty"),
+                                                 version=spec.pop("version", None)))
             else:
                 raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, length_penalty)")
         except KeyError as err:
@@ -248,7 +249,11 @@ def resume_from(cfg: StageConfig, resume: bool):
 def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict, extra: dict) -> Path:
     """Save the model, its card and the run record (last, atomically)."""
     out = Path(cfg.output_dir)
-    trainer.save_model(str(out))  # collective under DeepSpeed/FSDP: every process takes part
+    merged = getattr(trainer, "start_merged", False)  # a new adapter over a merged adapter folder: save standalone
+    if merged:
+        trainer.save_merged_model(str(out))
+    else:
+        trainer.save_model(str(out))  # collective under DeepSpeed/FSDP: every process takes part
     if not trainer.is_world_process_zero():
         return out
     if trainer.processing_class is not None:
@@ -266,6 +271,7 @@ def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict
         "device": str(args.device),
         "host": platform.node(),
         "final_log": trainer.state.log_history[-1] if trainer.state.log_history else {},
+        "saved": "standalone merged model" if merged else "model",
         **extra,
     }
     card = [f"# {out.name}", "", f"Trained with modpo, stage `{stage}`.", "",
@@ -279,6 +285,9 @@ def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict
         card.append(f"- margin sources: {', '.join(extra['margin_sources'])}")
     if cfg.lora:
         card.append(f"- LoRA: {json.dumps(cfg.lora)}")
+    if merged:
+        card.append(f"- saved as: a standalone model; the starting adapter `{cfg.model}` was merged into its base "
+                    "and the trained LoRA adapter merged on top (loads without peft)")
     write_atomic(out / "README.md", lambda tmp: tmp.write_text("\n".join(card) + "\n"))
     write_atomic(out / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
     return out

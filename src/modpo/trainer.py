@@ -9,6 +9,7 @@ pass (`logps.sequence_logps`) and applies `loss.modpo_loss`. Only the policy is 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import defaultdict
@@ -18,13 +19,14 @@ import torch
 from transformers import Trainer
 from transformers.training_args import ParallelMode
 
-from modpo.cache import cached_tensors, columns_fingerprint, model_fingerprint
+from modpo.cache import cached_tensors, columns_fingerprint
 from modpo.config import MODPOConfig
 from modpo.data.formats import PreferenceCollator, tokenize_preferences
 from modpo.errors import ConfigError
 from modpo.logps import batched_pair_logps, batched_sequence_logps, output_head, sequence_logps
 from modpo.loss import modpo_loss
 from modpo.margins import compute_margin_rewards
+from modpo.reference import StartInfo, is_peft_model, prepare_policy, reference_for
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +72,6 @@ def chunked_logps_conflict(model: torch.nn.Module, zero3: bool = False, fsdp: bo
     return None
 
 
-def reference_fingerprint(model: torch.nn.Module) -> str:
-    """Identity of the reference: the weights without any (freshly initialised) LoRA adapter."""
-    return model_fingerprint(model, skip=lambda name: "lora_" in name)
-
-
 def precompute_autocast_dtype(args) -> torch.dtype | None:
     """The autocast dtype training will use (None: none), from bf16/fp16 or accelerate's mixed_precision."""
     if args.bf16 or args.fp16:
@@ -82,8 +79,12 @@ def precompute_autocast_dtype(args) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(args, "mixed_precision", None))
 
 
-def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, margin_sources, name: str):
-    """Tokenize `dataset` and add `ref_chosen_logps`, `ref_rejected_logps` and the margin columns."""
+def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, margin_sources, name: str,
+                       start: StartInfo | None = None):
+    """Tokenize `dataset` and add `ref_chosen_logps`, `ref_rejected_logps` and the margin columns.
+
+    The reference is `ref_model`, else `model` as it starts training (`reference.reference_for`; `start` says how
+    `reference.prepare_policy` set it up)."""
     num_margins = len(args.weights) - 1
     has_columns = "chosen_margins" in dataset.column_names
     if margin_sources and has_columns:
@@ -103,21 +104,21 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
                               f"expect {num_margins}")
         tokenized = tokenized.add_column("chosen_margins", chosen.tolist()).add_column("rejected_margins", rejected.tolist())
 
-    reference = ref_model if ref_model is not None else model
+    ref = reference_for(model, ref_model, start)
+    reference = ref.module
     # Same numerics as training: mixed precision when the trainer uses it, whether set by bf16/fp16 or by
     # `accelerate launch` (its config's mixed_precision reaches args.mixed_precision, not args.bf16).
     half = precompute_autocast_dtype(args)
-    key = {"model": reference_fingerprint(reference),
+    key = {"model": ref.key,
            "data": columns_fingerprint(tokenized, ["prompt_ids", "chosen_ids", "rejected_ids"]),
            "dtype": str(next(reference.parameters()).dtype), "autocast": str(half)}
 
     def compute():
         device_before = next(reference.parameters()).device
         reference.to(args.device)
-        adapters_off = reference.disable_adapter() if ref_model is None and hasattr(reference, "disable_adapter") else nullcontext()
         pad_id = tokenizer.pad_token_id
         autocast = torch.autocast(args.device.type, dtype=half) if half else nullcontext()
-        with adapters_off, autocast:
+        with ref.context(), autocast:
             if args.prefix_sharing:  # each prompt once, as in training
                 chosen, rejected = batched_pair_logps(reference, tokenized["prompt_ids"], tokenized["chosen_ids"],
                                                       tokenized["rejected_ids"], pad_id, args.precompute_batch_size,
@@ -128,7 +129,7 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
                                                     pad_id, args.precompute_batch_size,
                                                     desc=f"reference log-probs ({side})")
                        for side in ("chosen", "rejected")}
-        if ref_model is not None:
+        if ref.separate:
             reference.to(device_before)
         return out
 
@@ -177,7 +178,15 @@ def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, 
 
 
 class MODPOTrainer(Trainer):
-    """Trains a policy with the MODPO loss for one weight vector `args.weights`."""
+    """Trains a policy with the MODPO loss for one weight vector `args.weights`.
+
+    The reference pi_ref is `ref_model` when given (as loaded, an adapter on), else the policy as it starts
+    training (see `modpo.reference`). A LoRA adapter folder as `model` (e.g. LoRA SFT) is the SFT model: with a
+    new `peft_config` it is merged into its base first and the new adapter trains on top (`start_merged` is
+    then True), without one its own adapter keeps training. A new adapter on a merged base cannot be saved as
+    an adapter (its base exists in no folder): save such a run with `save_merged_model(output_dir)`, a
+    standalone model that loads without peft, as `modpo train`/`modpo dpo` do.
+    """
 
     def __init__(self, model, ref_model=None, args: MODPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, margin_rewards=None, peft_config=None, data_names=(None, None), **kwargs):
@@ -195,20 +204,13 @@ class MODPOTrainer(Trainer):
             raise ConfigError("MODPOTrainer needs processing_class (the tokenizer)")
         if processing_class.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
-        if peft_config is not None:
-            from peft import get_peft_model
-            from transformers import set_seed
-
-            set_seed(args.seed)  # adapter initialisation follows the run's seed, as the Trainer's own setup does
-            try:
-                model = get_peft_model(model, peft_config)
-            except ValueError as err:  # e.g. target modules the model does not have
-                raise ConfigError(f"lora: {str(err).splitlines()[0]}") from None
+        # The reference is the policy as it starts: a starting adapter under a new peft_config is merged first.
+        model, self.start = prepare_policy(model, peft_config, seed=args.seed)
         disable_dropout(model)
         self.margin_sources = list(margin_rewards or [])
         with args.main_process_first(desc="precompute"):
             prepare = lambda data, name: precompute_columns(data, model, ref_model, processing_class, args,
-                                                             self.margin_sources, name)
+                                                             self.margin_sources, name, start=self.start)
             train_name, eval_name = data_names
             if train_dataset is not None:
                 train_dataset = prepare(train_dataset, train_name or "train_dataset")
@@ -231,6 +233,7 @@ class MODPOTrainer(Trainer):
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
         self._check_chunked_logps()
+        self._check_merged_start()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Compute accounting: non-pad tokens through forward (and backward) passes of the policy.
         self.token_counts = {"forward": 0, "backward": 0}
@@ -248,6 +251,27 @@ class MODPOTrainer(Trainer):
         if reason:
             logger.warning("chunked_logps turned off: %s; scoring with the model's full logits instead", reason)
             self.args.chunked_logps = False
+
+    @property
+    def start_merged(self) -> bool:
+        """True when the starting adapter was merged into its base under the new one: save with `save_merged_model`."""
+        return self.start.merged
+
+    def _check_merged_start(self) -> None:
+        if self.start_merged and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ConfigError("a LoRA adapter folder as model with a new lora config is merged into its base, and "
+                              "the result saved as one standalone model, which DeepSpeed/FSDP runs cannot do here; "
+                              "merge the adapter first (peft merge_and_unload) and start from the merged folder")
+
+    def save_merged_model(self, output_dir: str | None = None) -> None:
+        """Save the policy as one standalone model, the trained adapter merged into its base (a plain model as is)."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.is_world_process_zero():
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):  # merged in a copy: the trainer keeps its adapter
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: MODPOConfig = self.args
