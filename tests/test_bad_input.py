@@ -206,9 +206,22 @@ def test_empty_sft_file(capsys, tmp_path, base):
 def test_prompt_longer_than_max_length(capsys, tmp_path, base):
     rows = GOOD + [{"prompt": "p0 p1 p2 p3 p0 p1", "chosen": "a", "rejected": "b"}]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    config, out = train_config(tmp_path, base, data, training={"max_length": 5})
+    config, out = train_config(tmp_path, base, data, training={"max_length": 5, "long_prompts": "refuse"})
     assert_fails(capsys, ["train", "--config", config], out, data, "row 3", "field 'prompt'",
                  "6 tokens", "max_length=5")
+
+
+def test_long_prompt_is_cut_with_one_warning_by_default(capsys, caplog, tmp_path, base):
+    """One long prompt never stops a run: it keeps its end, and one warning line names its row."""
+    rows = GOOD + [{"prompt": "p0 p1 p2 p3 p0 p1", "chosen": "a", "rejected": "b"}]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config, out = train_config(tmp_path, base, data, training={"max_length": 5})
+    with caplog.at_level(logging.WARNING, logger="modpo.data.encode"):
+        code, _, _ = run(capsys, "train", "--config", config)
+    assert code == 0 and (out / "modpo_run.json").exists()
+    lines = [r.getMessage() for r in caplog.records if "too long" in r.getMessage()]
+    assert lines == [f"{data}: 1 of 3 prompts were too long for max_length=5 and were cut from the left, keeping "
+                     "their end (rows 3)"]
 
 
 def test_long_responses_are_truncated_and_counted(capsys, caplog, tmp_path, base):

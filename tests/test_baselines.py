@@ -234,7 +234,7 @@ def hypervolume_2d(points: list[tuple[float, float]], ref=(0.0, 0.0)) -> float:
 
 
 def test_comparison_report_hypervolume_matches_an_independent_recomputation(tmp_path):
-    from modpo.front.compare import write_comparison
+    from modpo.experiments.compare_report import write_comparison
 
     records = {
         "modpo": {"label": "MODPO", "prerequisites": ["harmless_dpo"], "points": [

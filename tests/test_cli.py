@@ -205,7 +205,7 @@ def test_overrides_reach_the_stage(capsys, monkeypatch, tmp_path):
 
 
 def test_overrides_reach_the_front(capsys, monkeypatch, tmp_path):
-    import modpo.front.sweep
+    import modpo.cli
 
     seen = {}
 
@@ -214,7 +214,7 @@ def test_overrides_reach_the_front(capsys, monkeypatch, tmp_path):
         Path(cfg.output_dir).mkdir(parents=True)
         (Path(cfg.output_dir) / "front.md").write_text("| point |\n")
 
-    monkeypatch.setattr(modpo.front.sweep, "run_front", fake_front)
+    monkeypatch.setattr(modpo.cli, "run_front", fake_front)
     code = main(["front", f"output_dir={tmp_path / 'f'}", "train={model: m, train_data: d.jsonl}",
                  "train.training.beta=0.2", "weights=[[0.2, 0.8], [0.8, 0.2]]",
                  "evaluation.evaluators=[{type: demo_exact}]", "evaluation.samples_per_prompt=4"])

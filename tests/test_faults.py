@@ -339,15 +339,15 @@ def test_non_finite_loss_stops_training_naming_step_and_rows(capsys, tmp_path, m
     """The policy starts producing inf activations at its third training forward pass: training stops there
     with FloatingPointError naming step 2 and exactly the data rows of that batch; the CLI prints one line and
     exits 1. The output folder it created is removed, unless it holds checkpoints by then: they are kept."""
-    import modpo.models
+    import modpo.stages
 
     rows = tiny.rows(8, seed=4)
     texts = [f"{r['prompt']} {r['chosen']}" for r in rows]
     assert len(set(texts)) == len(texts)  # every row is recognisable from its chosen sequence
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     seen = {}
-    load_model = modpo.models.load_model
-    monkeypatch.setattr(modpo.models, "load_model", lambda *a, **kw: poison(load_model(*a, **kw), POISON_AT_CALL, seen))
+    load_model = modpo.stages.load_model  # where the stage loads its policy
+    monkeypatch.setattr(modpo.stages, "load_model", lambda *a, **kw: poison(load_model(*a, **kw), POISON_AT_CALL, seen))
     out = tmp_path / "out"
     saving = {"save_strategy": "steps", "save_steps": 1} if checkpoints else {"save_strategy": "no"}
     config = write_yaml(tmp_path / "c.yaml", {"model": base, "output_dir": str(out), "train_data": data, "training": {

@@ -349,7 +349,7 @@ def test_callables_reading_only_modules_and_functions_need_no_version():
 
 
 def test_yaml_length_penalty_takes_a_version():
-    from modpo.stages import margin_sources
+    from modpo.margin_specs import margin_sources
 
     tok = tiny.tokenizer()
     plain, versioned = margin_sources([{"type": "length_penalty"}, {"type": "length_penalty", "version": 2}], tok, 32)

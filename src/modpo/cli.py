@@ -8,7 +8,15 @@ import shutil
 import sys
 from pathlib import Path
 
+from modpo.config import MODPOConfig
+from modpo.demo.pipeline import run_demo
 from modpo.errors import ModpoError
+from modpo.experiments.compare import run_compare
+from modpo.front.generate import SamplingSettings
+from modpo.front.sweep import EVALUATION_KEYS, run_front
+from modpo.recipes import run_recipe, shipped_recipes
+from modpo.run_config import EVALUATION_HELP, FrontConfig, StageConfig, describe, load_config
+from modpo.stages import STAGES
 
 STAGE_HELP = {
     "sft": "supervised fine-tuning (TRL SFTTrainer)",
@@ -31,9 +39,6 @@ Config keys:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from modpo.recipes import shipped_recipes
-    from modpo.run_config import FrontConfig, StageConfig, describe
-
     parser = argparse.ArgumentParser(prog="modpo", description="Multi-objective direct preference optimization.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,8 +94,6 @@ def _modpo_fields() -> str:
 
     from transformers import TrainingArguments
 
-    from modpo.config import MODPOConfig
-
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
     return "\n".join(f"  training.{f.name:<21} {f.metadata.get('help', '')} (default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r})"
                      for f in dataclasses.fields(MODPOConfig) if f.name not in inherited)
@@ -106,10 +109,6 @@ def _evaluation_fields() -> str:
     """Every key `modpo front` accepts under evaluation, with the sampling defaults."""
     import dataclasses
 
-    from modpo.front.generate import SamplingSettings
-    from modpo.front.sweep import EVALUATION_KEYS
-    from modpo.run_config import EVALUATION_HELP
-
     defaults = {f.name: f" (default: {f.default!r})" for f in dataclasses.fields(SamplingSettings)}
     keys = [k for k in EVALUATION_HELP if k in EVALUATION_KEYS] + sorted(EVALUATION_KEYS - set(EVALUATION_HELP))
     return "\n".join(f"  evaluation.{key:<19} {EVALUATION_HELP.get(key, '')}{defaults.get(key, '')}" for key in keys)
@@ -122,11 +121,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    from modpo.run_config import FrontConfig, StageConfig, load_config
-
     if args.command == "demo":
-        from modpo.demo.pipeline import run_demo
-
         try:
             weights = [float(w) for w in args.weights.split(",")]
         except ValueError:
@@ -136,8 +131,6 @@ def _run(args) -> int:
         return 0
     if args.command == "recipe":
         import yaml
-
-        from modpo.recipes import run_recipe
 
         variables = {}
         for item in args.variables:
@@ -153,22 +146,17 @@ def _run(args) -> int:
             print(f"done: {out}")
         return 0
     if args.command == "compare":
-        from modpo.front.compare import run_compare
-
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         document = run_compare(args.output_dir, seed=args.seed, methods=methods)
         _print_report(Path(args.output_dir) / "report", "comparison",
                       f"Comparison finished in {document['compare_wall_seconds']:.0f} s.")
         return 0
     if args.command == "front":
-        from modpo.front.sweep import run_front
-
         cfg = load_config(FrontConfig, args.config, args.overrides)
         with _clean_on_error(cfg.output_dir):
             run_front(cfg, overwrite=args.overwrite)
         print((Path(cfg.output_dir) / "front.md").read_text())
         return 0
-    from modpo.stages import STAGES
 
     cfg = load_config(StageConfig, args.config, args.overrides)
     with _clean_on_error(cfg.output_dir):

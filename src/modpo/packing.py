@@ -19,6 +19,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from modpo.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,6 @@ def causal_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | No
 
 def _check_supported(module, kwargs) -> None:
     """Refuse attention variants this function does not compute, rather than return something else."""
-    from modpo.errors import ConfigError
 
     model = type(module).__name__.removesuffix("Attention") or type(module).__name__
     if kwargs.get("softcap") is not None:

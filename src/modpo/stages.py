@@ -20,8 +20,14 @@ from pathlib import Path
 import torch
 
 from modpo.cache import stable_hash, write_atomic
+from modpo.config import MODPOConfig
+from modpo.data.formats import check_sft_rows
+from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
 from modpo.errors import ConfigError
+from modpo.margin_specs import margin_sources
+from modpo.models import load_model, load_tokenizer, resolve, whole_weights
 from modpo.run_config import StageConfig
+from modpo.trainer import MODPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +42,6 @@ def load_data(spec, name: str, preferences: bool = True):
     prompt/completion or messages).
     """
     from datasets import Dataset
-
-    from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
 
     if spec is None:
         return None, None
@@ -61,42 +65,6 @@ def as_chat_messages(dataset):
         return out
 
     return dataset.map(convert, desc="chat format")
-
-
-def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing: bool = False, append_eos: bool = True):
-    """Margin reward sources from their config mappings (see StageConfig.margins). Implicit rewards score responses
-    as training does (with an eos when `append_eos`) and share each pair's prompt when training does
-    (`prefix_sharing`), unless their mapping says otherwise."""
-    from modpo import margins as m
-
-    sources = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
-        kind = spec.pop("type", None)
-        where = f"margins[{i}]"
-        try:
-            if kind == "implicit_reward":
-                sources.append(m.ImplicitRewardMargins(spec.pop("model"), ref_model=spec.pop("ref_model", None),
-                                                       beta=float(spec.pop("beta", 0.1)), max_length=max_length,
-                                                       tokenizer=tokenizer if spec.pop("same_tokenizer", True) else None,
-                                                       prefix_sharing=bool(spec.pop("prefix_sharing", prefix_sharing)),
-                                                       append_eos=bool(spec.pop("append_eos", append_eos)),
-                                                       **spec))
-            elif kind == "reward_model":
-                sources.append(m.RewardModelMargins(spec.pop("model"), outputs=spec.pop("outputs", None),
-                                                    max_length=max_length, **spec))
-            elif kind == "columns":
-                sources.append(m.ColumnMargins(spec.pop("chosen"), spec.pop("rejected"), **spec))
-            elif kind == "length_penalty":
-                sources.append(m.CallableMargins(m.length_penalty, name=spec.pop("name", "length_penalty"),
-                                                 version=spec.pop("version", None)))
-            else:
-                raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, length_penalty)")
-        except KeyError as err:
-            raise ConfigError(f"{where}: missing key {err}") from None
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: {err}") from None
-    return sources
 
 
 def trainer_args(config_cls, cfg: StageConfig, **fixed):
@@ -156,7 +124,6 @@ def _content_hash(path: str, size: int, modified_ns: int) -> str:
 def input_stamp(path: str):
     """What a model or data path holds now: a file's content hash (size and modification time above 256 MiB), a
     folder's model files each so, or None for what is not local (a hub id)."""
-    from modpo.models import resolve
 
     folder, gguf = resolve(path)
     where = Path(folder).expanduser() / gguf if gguf else Path(folder).expanduser()
@@ -294,8 +261,6 @@ def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict
 
 
 def _load(cfg: StageConfig, kind: str = "causal_lm", num_labels: int | None = None):
-    from modpo.models import load_model, load_tokenizer
-
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     model = load_model(cfg.model, kind=kind, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                        num_labels=num_labels)
@@ -337,7 +302,6 @@ def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> 
     started = time.time()
     args = trainer_args(SFTConfig, cfg)
     model, tokenizer = _load(cfg)
-    from modpo.data.formats import check_sft_rows
 
     train, train_name = load_data(cfg.train_data, "train_data", preferences=False)
     evaluation, eval_name = load_data(cfg.eval_data, "eval_data", preferences=False)
@@ -375,9 +339,6 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
 
 def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False, overwrite: bool = False) -> Path:
     """MODPO (`stage="train"`) or DPO (`stage="dpo"`: weights [1.0], no margins)."""
-    from modpo.config import MODPOConfig
-    from modpo.models import load_model, whole_weights
-    from modpo.trainer import MODPOTrainer
 
     if stage == "dpo":
         if cfg.margins or cfg.training.get("weights", [1.0]) != [1.0]:

@@ -10,5 +10,5 @@
 * `rewards`    those training-side rewards: implicit rewards beta * log(pi_dpo / pi_sft) of the per-objective
                DPO models, scored in batches with token accounting.
 
-`modpo.front.compare` runs them all next to MODPO on the synthetic demo task and writes the comparison.
+`modpo.experiments.compare` runs them all next to MODPO on the synthetic demo task and writes the comparison.
 """

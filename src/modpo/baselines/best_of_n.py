@@ -13,6 +13,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
+from modpo.data.encode import encode_prompt
+from modpo.front.evaluators import score_samples
+from modpo.front.generate import sample_responses
+from modpo.front.report import summarize
+from modpo.front.sweep import point_name
+from modpo.models import load_model, load_tokenizer
 
 
 def best_of_n_indices(rewards: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -37,8 +43,6 @@ def sample_candidates(model, tokenizer, prompts: list, settings, n: int) -> tupl
     Returns (candidates, forward tokens of sampling: prompt plus generated tokens of every sequence; exact
     when min_new_tokens == max_new_tokens, as on the demo task, an upper bound otherwise).
     """
-    from modpo.data.encode import encode_prompt
-    from modpo.front.generate import sample_responses
 
     pool = replace(settings, samples_per_prompt=settings.samples_per_prompt * n)
     candidates = sample_responses(model, tokenizer, prompts, pool, desc=f"best-of-{n} candidates")
@@ -50,10 +54,6 @@ def sample_candidates(model, tokenizer, prompts: list, settings, n: int) -> tupl
 def run_best_of_n(sft, rewards, prompts: list, settings, n: int, weight_vectors: Sequence[Sequence[float]],
                   evaluators, name_of=None) -> tuple[list[dict], dict]:
     """Points of the Best-of-N front (scored by `evaluators`) and the compute record."""
-    from modpo.front.evaluators import score_samples
-    from modpo.front.report import summarize
-    from modpo.front.sweep import point_name
-    from modpo.models import load_model, load_tokenizer
 
     name_of = name_of or point_name
     started = time.time()

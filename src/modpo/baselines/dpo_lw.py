@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from modpo.cache import write_atomic
+from modpo.run_config import StageConfig
+from modpo.stages import run_preference
 
 LOSS_WEIGHT = "loss_weight"
 KEEP = ("prompt", "chosen", "rejected")
@@ -53,8 +55,6 @@ def write_union(folder: Path, name: str, datasets: Mapping[str, Sequence[dict]],
 def train_dpo_lw(model: str, datasets: Mapping[str, Sequence[dict]], weights: Mapping[str, float], output_dir,
                  training: dict, overwrite: bool = False) -> Path:
     """Train (or reuse) one DPO-LW model; returns its folder (with modpo_run.json and token_counts)."""
-    from modpo.run_config import StageConfig
-    from modpo.stages import run_preference
 
     out = Path(output_dir)
     data = write_union(out.parent.parent / "data", out.name, datasets, weights)

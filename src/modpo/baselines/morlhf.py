@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from modpo.cache import stable_hash, write_atomic
+from modpo.errors import ConfigError
+from modpo.models import load_model, load_tokenizer
 
 RUN_FILE = "modpo_run.json"
 
@@ -113,9 +115,6 @@ def train_morlhf(sft: str, rewards, prompts: list, weights, output_dir, settings
     passes, with a per-kind breakdown in token_detail.
     """
     from datasets import Dataset
-
-    from modpo.errors import ConfigError
-    from modpo.models import load_model, load_tokenizer
 
     out = Path(output_dir)
     identity = {"stage": "morlhf", "sft": str(sft), "sft_run": _run_hash(sft), "weights": [float(w) for w in weights],

@@ -19,11 +19,10 @@ import torch
 
 from modpo.data.encode import scoring_ids
 from modpo.logps import batched_sequence_logps
+from modpo.models import load_model, load_tokenizer
 
 
 def _as_model(model, device):
-    from modpo.models import load_model
-
     loaded = load_model(model) if isinstance(model, str) else model
     loaded.eval()
     return loaded.to(device)
@@ -39,7 +38,6 @@ class ImplicitRewards:
         `append_eos` must match how the DPO models were trained (the demo trains without eos), so that
         the reward scores exactly the tokens the models were trained to prefer.
         """
-        from modpo.models import load_tokenizer
 
         if not models:
             raise ValueError("ImplicitRewards needs at least one DPO model")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from modpo.cache import stable_hash, write_atomic
+from modpo.models import load_model, load_tokenizer
 
 SOUP_RUN = "modpo_run.json"  # the record `front.sweep.evaluate_model` keys its evaluation cache on
 
@@ -64,7 +65,6 @@ def adapter_base(path) -> str:
 
 def merged_model(path_or_model):
     """The model with any LoRA adapter merged into its weights (a plain transformers model)."""
-    from modpo.models import load_model
 
     if isinstance(path_or_model, (str, Path)):
         model = load_model(str(path_or_model))
@@ -83,7 +83,6 @@ def soup_model(models: Sequence, weights: Sequence[float], base=None):
     LoRA adapters are merged first and interpolated as deltas over their base (`base`, default: the
     adapters' base_model_name_or_path); full models are interpolated directly unless `base` is given.
     """
-    from modpo.models import load_model
 
     adapters = [is_adapter(m) or hasattr(m, "merge_and_unload") for m in models]
     if any(adapters) and base is None:
@@ -108,7 +107,6 @@ def make_soup(models: Sequence[str], weights: Sequence[float], output_dir, base:
     A small run record (stage "soup") names the ingredients by their own run records, so an evaluation of
     the folder is redone whenever an ingredient was retrained.
     """
-    from modpo.models import load_tokenizer
 
     out = Path(output_dir)
     identity = {"stage": "soup", "weights": [float(w) for w in weights], "models": [str(m) for m in models],

@@ -18,6 +18,7 @@ from modpo.cache import stable_hash, write_atomic
 from modpo.demo import task
 from modpo.errors import ConfigError
 from modpo.front.sweep import run_front
+from modpo.models import tiny_causal_lm
 from modpo.run_config import FrontConfig, StageConfig
 from modpo.stages import run_preference, run_sft
 
@@ -54,7 +55,6 @@ def prepare_inputs(out: Path, seed: int, overwrite: bool = False) -> dict[str, s
     record.unlink(missing_ok=True)  # until the new inputs are all written
     for name, rows in data.items():
         write_jsonl(Path(paths[name]), rows)
-    from modpo.models import tiny_causal_lm
 
     tokenizer = task.tokenizer()
     tiny_causal_lm(len(tokenizer), seed=seed, **INIT).save_pretrained(paths["init"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from modpo.models import word_tokenizer
 
 OBJECTIVES = ("helpful", "harmless")
 NUM_TOPICS = 4
@@ -36,8 +37,6 @@ def vocabulary() -> list[str]:
 
 
 def tokenizer():
-    from modpo.models import word_tokenizer
-
     return word_tokenizer(vocabulary())
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from modpo.demo import task
 from modpo.errors import ConfigError
+from modpo.margin_specs import margin_sources
 
 
 class Evaluator:
@@ -27,8 +29,6 @@ class DemoExactEvaluator(Evaluator):
     """The synthetic task's exact rewards (modpo.demo.task)."""
 
     def __init__(self):
-        from modpo.demo import task
-
         self.task, self.objectives = task, task.OBJECTIVES
 
     def describe(self) -> str:
@@ -75,8 +75,6 @@ def score_samples(evaluators: list[Evaluator], samples: list[dict]) -> tuple[tor
 
 
 def build_evaluators(specs: list[dict], tokenizer=None) -> list[Evaluator]:
-    from modpo.stages import margin_sources
-
     evaluators = []
     for i, spec in enumerate(specs):
         if spec.get("type") == "demo_exact":

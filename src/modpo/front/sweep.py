@@ -19,7 +19,9 @@ from modpo.errors import ConfigError
 from modpo.front.evaluators import build_evaluators, score_samples
 from modpo.front.generate import SamplingSettings, sample_responses
 from modpo.front.report import summarize, write_report
+from modpo.models import load_model, load_tokenizer
 from modpo.run_config import FrontConfig, StageConfig, from_dict
+from modpo.stages import load_data, run_preference
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,6 @@ def point_name(weights: list[float]) -> str:
 def evaluation_prompts(spec) -> list:
     if isinstance(spec, list):
         return spec
-    from modpo.stages import load_data
 
     data, _ = load_data(spec, "evaluation.prompts")
     return list(data["prompt"])
@@ -56,7 +57,6 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
                    extra: dict | None = None, record_file: Path | None = None) -> dict:
     """Sample `model_dir` on `prompts` and score; reuses the record (default `model_dir/evaluation.json`) if it
     matches the prompts, sampling settings, evaluators and the model's run."""
-    from modpo.models import load_model, load_tokenizer
 
     key = stable_hash({"prompts": prompts, "settings": settings.record(), "model": str(model_dir),
                        "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators]})
@@ -95,7 +95,6 @@ def _run_hash(model_dir: Path) -> str | None:
 
 def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front") -> dict:
     """Train (or reuse) every point, evaluate it, write the report folder; returns the report document."""
-    from modpo.stages import run_preference
 
     unknown = set(cfg.evaluation) - EVALUATION_KEYS
     if unknown:

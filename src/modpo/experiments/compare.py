@@ -35,20 +35,31 @@ from pathlib import Path
 
 import torch
 
-from modpo.baselines.morlhf import MORLHFSettings
+from modpo.baselines.best_of_n import run_best_of_n
+from modpo.baselines.dpo_lw import train_dpo_lw
+from modpo.baselines.morlhf import MORLHFSettings, train_morlhf
+from modpo.baselines.rewards import ImplicitRewards
+from modpo.baselines.soups import make_soup
 from modpo.cache import stable_hash, write_atomic
+from modpo.data.encode import encode
+from modpo.data.loaders import read_records
 from modpo.demo import task
+from modpo.demo.pipeline import run_demo
 from modpo.errors import ConfigError
-from modpo.front.report import front_statistics, non_dominated, plot_fronts, table
+from modpo.experiments.compare_report import LABELS, REFERENCE_POINT, write_comparison
+from modpo.front.evaluators import DemoExactEvaluator
+from modpo.front.generate import SamplingSettings
+from modpo.front.sweep import evaluate_model, extra_model_record, point_name
+from modpo.models import load_tokenizer
+from modpo.run_config import StageConfig
+from modpo.stages import run_preference
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("modpo", "soups", "dpo_lw", "bon", "morlhf")
-LABELS = {"modpo": "MODPO", "soups": "DPO soups", "dpo_lw": "DPO LW", "bon": "Best-of-N", "morlhf": "MORLHF"}
 PREREQUISITES = {"modpo": ["harmless_dpo"], "soups": ["helpful_dpo", "harmless_dpo"], "dpo_lw": [],
                  "bon": ["helpful_dpo", "harmless_dpo"], "morlhf": ["helpful_dpo", "harmless_dpo"]}
 POINTS_FILE = "points.json"
-REFERENCE_POINT = [0.0, 0.0]
 
 
 @dataclass
@@ -96,10 +107,6 @@ class Context:
 
 
 def _context(out: Path, settings: CompareSettings) -> Context:
-    from modpo.demo.pipeline import run_demo
-    from modpo.front.evaluators import DemoExactEvaluator
-    from modpo.front.generate import SamplingSettings
-
     demo = out / "modpo"
     started = time.time()
     run_demo(str(demo), settings.weights, seed=settings.seed, beta=settings.beta)
@@ -117,7 +124,6 @@ def _context(out: Path, settings: CompareSettings) -> Context:
     ctx.eval_key = stable_hash({"prompts": prompts, "sampling": sampling.record(),
                                 "evaluators": [e.describe() for e in evaluators]})
     # The demo front's own record of its SFT evaluation: same sampling, and its samples follow these prompts.
-    from modpo.front.sweep import extra_model_record
 
     sft_record = extra_model_record(demo / "front", sft)
     stored = json.loads(sft_record.read_text())
@@ -131,8 +137,6 @@ def _context(out: Path, settings: CompareSettings) -> Context:
 
 def _helpful_dpo(ctx: Context) -> Path:
     """The helpful DPO model: DPO on the helpful pairs with the margin model's exact settings."""
-    from modpo.run_config import StageConfig
-    from modpo.stages import run_preference
 
     if ctx.helpful_dpo is None:
         cfg = StageConfig(model=str(ctx.sft), output_dir=str(ctx.out / "shared" / "helpful_dpo"),
@@ -142,8 +146,6 @@ def _helpful_dpo(ctx: Context) -> Path:
 
 
 def _rewards(ctx: Context):
-    from modpo.baselines.rewards import ImplicitRewards
-
     return ImplicitRewards({"helpful": str(_helpful_dpo(ctx)), "harmless": str(ctx.harmless_dpo)}, reference=str(ctx.sft),
                            beta=ctx.settings.beta, append_eos=bool(ctx.training.get("append_eos", True)))
 
@@ -154,8 +156,6 @@ def _rewards(ctx: Context):
 
 def preference_pass_tokens(path: str, tokenizer, append_eos: bool) -> int:
     """Non-pad tokens of one forward pass over every (prompt + chosen) and (prompt + rejected) of a file."""
-    from modpo.data.encode import encode
-    from modpo.data.loaders import read_records
 
     total = 0
     for row in read_records(path):
@@ -165,8 +165,6 @@ def preference_pass_tokens(path: str, tokenizer, append_eos: bool) -> int:
 
 
 def _shared_costs(ctx: Context, used: set[str]) -> dict:
-    from modpo.models import load_tokenizer
-
     tokenizer = load_tokenizer(str(ctx.sft))
     eos = bool(ctx.training.get("append_eos", True))
     costs = {}
@@ -214,14 +212,10 @@ def _sum_runs(runs: list[dict]) -> dict:
 
 
 def _evaluate(ctx: Context, run_dir: Path, weights, extra=None) -> dict:
-    from modpo.front.sweep import evaluate_model, point_name
-
     return evaluate_model(run_dir, point_name(weights), weights, ctx.prompts, ctx.sampling, ctx.evaluators, extra)
 
 
 def run_modpo(ctx: Context) -> dict:
-    from modpo.models import load_tokenizer
-
     front = json.loads((ctx.demo / "front" / "front.json").read_text())
     points = [p for p in front["points"] if p.get("weights") is not None]
     runs = [ctx.run(ctx.demo / "front" / "points" / p["name"]) for p in points]
@@ -237,9 +231,6 @@ def run_modpo(ctx: Context) -> dict:
 
 
 def run_soups(ctx: Context) -> dict:
-    from modpo.baselines.soups import make_soup
-    from modpo.front.sweep import point_name
-
     helpful = _helpful_dpo(ctx)
     points, seconds = [], 0.0
     for weights in ctx.settings.weight_vectors():
@@ -254,11 +245,6 @@ def run_soups(ctx: Context) -> dict:
 
 
 def run_dpo_lw(ctx: Context) -> dict:
-    from modpo.baselines.dpo_lw import train_dpo_lw
-    from modpo.data.loaders import read_records
-    from modpo.front.sweep import point_name
-    from modpo.models import load_tokenizer
-
     datasets = {"helpful": read_records(ctx.helpful_data), "harmless": read_records(ctx.harmless_data)}
     points, runs = [], []
     for weights in ctx.settings.weight_vectors():
@@ -282,8 +268,6 @@ def run_dpo_lw(ctx: Context) -> dict:
 
 
 def run_bon(ctx: Context) -> dict:
-    from modpo.baselines.best_of_n import run_best_of_n
-
     points, compute = run_best_of_n(str(ctx.sft), _rewards(ctx), ctx.prompts, ctx.sampling, ctx.settings.bon_n,
                                     ctx.settings.weight_vectors(), ctx.evaluators)
     compute["note"] = (f"no training; {ctx.settings.bon_n} SFT samples per response and 3 scoring passes each, "
@@ -292,10 +276,6 @@ def run_bon(ctx: Context) -> dict:
 
 
 def run_morlhf(ctx: Context) -> dict:
-    from modpo.baselines.morlhf import train_morlhf
-    from modpo.data.loaders import read_records
-    from modpo.front.sweep import point_name
-
     rewards = _rewards(ctx)
     train_prompts = [r["prompt"] for r in read_records(ctx.helpful_data)]  # MODPO's training prompts
     points, runs = [], []
@@ -339,123 +319,6 @@ def _run_method(ctx: Context, method: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Aggregation and report
-
-
-def objectives_of(points: list[dict]) -> tuple[str, ...]:
-    return tuple(o for o in points[0] if isinstance(points[0][o], dict) and "mean" in points[0][o])
-
-
-def summarize_methods(records: dict[str, dict], shared: dict, reference: list[float]) -> dict[str, dict]:
-    """Per method: hypervolume, non-dominated points (own front and joint front), own and total compute."""
-    objectives = objectives_of(next(iter(records.values()))["points"])
-    everything = [(m, p) for m, r in records.items() for p in r["points"]]
-    joint = non_dominated([[p[o]["mean"] for o in objectives] for _, p in everything])
-    joint_names = {(everything[i][0], everything[i][1]["name"]) for i in joint}
-    summary = {}
-    for method, record in records.items():
-        points = record["points"]
-        stats = front_statistics(points, objectives, reference)
-        own = record["compute"]
-        total = {"forward": own["tokens"]["forward"], "backward": own["tokens"]["backward"]}
-        wall = own["wall_seconds"]
-        for name in record.get("prerequisites", []):
-            if name in shared:
-                total["forward"] += shared[name]["tokens"]["forward"]
-                total["backward"] += shared[name]["tokens"]["backward"]
-                wall += shared[name]["wall_seconds"]
-        summary[method] = {
-            "label": record.get("label", method), "hypervolume": stats["hypervolume"],
-            "non_dominated": stats["non_dominated"], "num_points": len(points),
-            "on_joint_front": sorted(p["name"] for p in points if (method, p["name"]) in joint_names),
-            "wall_seconds": own["wall_seconds"], "device": own.get("device"), "tokens": own["tokens"],
-            "prerequisites": record.get("prerequisites", []), "total_tokens": total,
-            "total_wall_seconds": round(wall, 2),
-            "evaluation_seconds": round(sum(p.get("sampling_seconds", 0) or 0 for p in points), 2),
-        }
-    return summary
-
-
-def _fmt_tokens(n: int) -> str:
-    return f"{n:,}"
-
-
-def comparison_markdown(summary: dict, records: dict, shared: dict, meta: dict, objectives, reference) -> str:
-    ref = ", ".join(f"{r:g}" for r in reference)
-    lines = ["# MODPO and baselines on the synthetic demo task", "",
-             f"Weights w = (w_helpful, 1 - w_helpful), w_helpful in {meta['weights']}; every point scored by "
-             f"{meta['evaluator']} on {meta['num_prompts']} prompts x {meta['sampling']['samples_per_prompt']} samples "
-             f"(temperature {meta['sampling']['temperature']:g}). Hypervolume: reference point [{ref}], objectives "
-             f"maximised. Device: {meta['device']}.", "",
-             "| method | hypervolume | non-dominated (own front) | on joint front | own wall s | own fwd tokens | "
-             "own bwd tokens | prerequisites | total fwd tokens | total bwd tokens | total wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for method, s in summary.items():
-        lines.append(
-            f"| {s['label']} | {s['hypervolume']:.4f} | {len(s['non_dominated'])}/{s['num_points']} | "
-            f"{len(s['on_joint_front'])}/{s['num_points']} | {s['wall_seconds']:.1f} | {_fmt_tokens(s['tokens']['forward'])} | "
-            f"{_fmt_tokens(s['tokens']['backward'])} | {', '.join(s['prerequisites']) or '-'} | "
-            f"{_fmt_tokens(s['total_tokens']['forward'])} | {_fmt_tokens(s['total_tokens']['backward'])} | "
-            f"{s['total_wall_seconds']:.1f} |")
-    if "modpo" in summary:
-        base = summary["modpo"]
-        cost = lambda s: s["total_tokens"]["forward"] + 2 * s["total_tokens"]["backward"]
-        lines += ["", "Total compute relative to MODPO's (tokens as forward + 2 x backward, about proportional to "
-                  "FLOPs; and wall seconds): " + "; ".join(
-                      f"{s['label']} {cost(s) / max(cost(base), 1):.2f}x tokens, "
-                      f"{s['total_wall_seconds'] / max(base['total_wall_seconds'], 1e-9):.2f}x wall"
-                      for m, s in summary.items() if m != "modpo") + "."]
-    lines += ["", "Totals add the prerequisites each method uses; the SFT model, shared by all, is not in them. "
-              "Wall seconds are measured on a shared machine and include waiting for other processes; tokens are "
-              "exact counts of non-pad tokens through forward and backward passes, including the passes a cache "
-              "saved.", "", "## Shared costs", "", "| component | what | wall s | fwd tokens | bwd tokens |",
-              "|---|---|---|---|---|"]
-    for name, c in shared.items():
-        lines.append(f"| {name} | {c['what']} | {c['wall_seconds']:.1f} | {_fmt_tokens(c['tokens']['forward'])} | "
-                     f"{_fmt_tokens(c['tokens']['backward'])} |")
-    lines += ["", "## Compute notes", ""]
-    for method, record in records.items():
-        c = record["compute"]
-        detail = ", ".join(f"{k} {_fmt_tokens(v) if isinstance(v, int) else v}" for k, v in c.get("token_detail", {}).items())
-        lines.append(f"- {LABELS.get(method, method)}: {c.get('note', '')}" + (f" (tokens: {detail})" if detail else ""))
-    if "sft" in meta:
-        lines += ["", "Reference: the SFT model scores "
-                  + ", ".join(f"{o} {meta['sft'][o]['mean']:.3f} ± {meta['sft'][o]['stderr']:.3f}" for o in objectives) + "."]
-    for method, record in records.items():
-        lines += ["", f"## {LABELS.get(method, method)}", "",
-                  table(record["points"], objectives, summary[method]["non_dominated"])]
-    return "\n".join(lines) + "\n"
-
-
-def write_comparison(folder: Path, records: dict[str, dict], shared: dict, meta: dict,
-                     reference: list[float] = REFERENCE_POINT, sft_point: dict | None = None) -> dict:
-    """comparison.md, .json, .csv and .png in `folder`; returns the JSON document."""
-    folder.mkdir(parents=True, exist_ok=True)
-    objectives = objectives_of(next(iter(records.values()))["points"])
-    summary = summarize_methods(records, shared, reference)
-    if sft_point is not None:
-        meta = {**meta, "sft": sft_point}
-    document = {"objectives": list(objectives), "reference_point": list(reference), "summary": summary,
-                "methods": {m: {"label": r.get("label", m), "points": r["points"], "compute": r["compute"],
-                                "prerequisites": r.get("prerequisites", [])} for m, r in records.items()},
-                "shared": shared, **meta}
-    write_atomic(folder / "comparison.md", lambda tmp: tmp.write_text(
-        comparison_markdown(summary, records, shared, meta, objectives, reference)))
-    write_atomic(folder / "comparison.json", lambda tmp: tmp.write_text(json.dumps(document, indent=2, default=str)))
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["method", "point", "weights", *[f"{o}_{s}" for o in objectives for s in ("mean", "stderr")],
-                     "n", "malformed", "non_dominated"])
-    for method, record in records.items():
-        for p in record["points"]:
-            writer.writerow([method, p["name"], " ".join(map(str, p.get("weights") or [])),
-                             *[p[o][s] for o in objectives for s in ("mean", "stderr")], p["n"], p["malformed"],
-                             p["name"] in summary[method]["non_dominated"]])
-    write_atomic(folder / "comparison.csv", lambda tmp: tmp.write_text(out.getvalue()))
-    fronts = {LABELS.get(m, m): r["points"] for m, r in records.items()}
-    if sft_point is not None:
-        fronts["SFT"] = [sft_point]
-    plot_fronts(fronts, objectives, folder / "comparison.png", "MODPO and baselines on the synthetic task")
-    return document
 
 
 def device_description() -> str:

@@ -1,0 +1,1 @@
+"""Experiments built on the library: `compare` runs MODPO and its baselines on the demo task."""
