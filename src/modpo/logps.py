@@ -10,7 +10,8 @@ Two ways to get them, with the same result:
 
 The list of configurations in `output_head` only pre-filters: before a model's first batched scoring, and at
 trainer start-up, `chunked_head_agrees` scores a row or two both ways and turns chunking off for a model whose
-forward changes its logits beyond the LM head (e.g. a multiplier applied in forward).
+forward changes its logits beyond the LM head in a way the bypass does not carry over (a soft cap, an offset;
+a plain multiplier such as FalconH1's `lm_head_multiplier` commutes with the head and keeps chunking).
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
     if not isinstance(head, torch.nn.Linear) or config is None:
         return None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for unusual in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling",
-                    "lm_head_multiplier"):
+    for unusual in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
         if getattr(text_config, unusual, None) not in (None, 1, 1.0):
             return None
     return head
