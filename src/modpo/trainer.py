@@ -113,7 +113,8 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
            "dtype": str(next(reference.parameters()).dtype), "autocast": str(half)}
 
     def compute(rows: range):  # this process's rows: all of them, or its shard in a distributed run
-        ids = {column: tokenized[column][rows.start : rows.stop] for column in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        ids = {column: tokenized[column][rows.start : rows.stop]
+               for column in ("prompt_ids", "chosen_ids", "rejected_ids")}
         device_before = next(reference.parameters()).device
         reference.to(args.device)  # the policy as reference stays there: training places it on this device too
         adapters_off = reference.disable_adapter() if ref_model is None and hasattr(reference, "disable_adapter") else nullcontext()
@@ -121,9 +122,9 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
         autocast = torch.autocast(args.device.type, dtype=half) if half else nullcontext()
         with adapters_off, autocast:
             if args.prefix_sharing:  # each prompt once, as in training
-                chosen, rejected = batched_pair_logps(reference, ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"],
-                                                      pad_id, args.precompute_batch_size, desc="reference log-probs",
-                                                      chunked=args.chunked_logps)
+                chosen, rejected = batched_pair_logps(reference, ids["prompt_ids"], ids["chosen_ids"],
+                                                      ids["rejected_ids"], pad_id, args.precompute_batch_size,
+                                                      desc="reference log-probs", chunked=args.chunked_logps)
                 out = {"chosen": chosen, "rejected": rejected}
             else:
                 out = {side: batched_sequence_logps(reference, ids["prompt_ids"], ids[f"{side}_ids"], pad_id,
@@ -144,7 +145,7 @@ def check_chunked_head(model, tokenized, pad_token_id: int, args: MODPOConfig, p
     """Turn `chunked_logps` off where the chunked LM head does not reproduce the model's full logits.
 
     The list of configurations in `logps.output_head` cannot know every model that changes its logits in
-    forward (a multiplier, a soft cap), so the first `pairs` rows are scored both ways first
+    forward (e.g. a soft cap not declared in its config), so the first `pairs` rows are scored both ways first
     (`logps.chunked_head_agrees`, which warns naming the model class).
     """
     if not args.chunked_logps or tokenized is None or len(tokenized) == 0:
