@@ -310,13 +310,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+def launch_both(tmp_path, source: str, ddp_args: list[str], single_args: list[str]) -> dict[str, Path]:
+    """Run the script `source` with two DDP CPU processes and with one process, at once; their output folders."""
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
-    started = time.time()
-    steps = 4
-    script = tmp_path / "train_ddp.py"
-    script.write_text(SCRIPT)
+    script = tmp_path / "script.py"
+    script.write_text(source)
     base_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
                 "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true",
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -324,16 +323,16 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
         base_env.pop(key, None)
     runs = {}
-    for name, batch, command in [
-        ("ddp", 2, [sys.executable, "-m", "accelerate.commands.launch",
-                    "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(free_port())]),
-        ("single", 4, [sys.executable]),
+    for name, args, command in [
+        ("ddp", ddp_args, [sys.executable, "-m", "accelerate.commands.launch",
+                           "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(free_port())]),
+        ("single", single_args, [sys.executable]),
     ]:
         out = tmp_path / name
         out.mkdir()
         env = {**base_env, "MODPO_CACHE": str(tmp_path / f"cache_{name}")}
         log = open(tmp_path / f"{name}.log", "w")
-        runs[name] = (subprocess.Popen([*command, str(script), str(out), str(batch), str(steps)], cwd=ROOT, env=env,
+        runs[name] = (subprocess.Popen([*command, str(script), str(out), *args], cwd=ROOT, env=env,
                                        stdout=log, stderr=subprocess.STDOUT), log, out)
     for name, (process, log, _) in runs.items():
         try:
@@ -343,16 +342,23 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
                 process.kill()
             log.close()
         assert process.returncode == 0, f"{name} run failed:\n" + (tmp_path / f"{name}.log").read_text()[-6000:]
+    return {name: out for name, (_, _, out) in runs.items()}
 
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     from safetensors.torch import load_file
 
-    single = json.loads((runs["single"][2] / "rank0.json").read_text())
-    ranks = [json.loads((runs["ddp"][2] / f"rank{r}.json").read_text()) for r in range(2)]
+    started = time.time()
+    steps = 4
+    outs = launch_both(tmp_path, SCRIPT, ["2", str(steps)], ["4", str(steps)])
+
+    single = json.loads((outs["single"] / "rank0.json").read_text())
+    ranks = [json.loads((outs["ddp"] / f"rank{r}.json").read_text()) for r in range(2)]
     assert single["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
 
-    # The precompute ran once, on the main process; the other rank read its cache entry.
-    assert sorted(ranks[0]["precompute_calls"]) == ["reference log-probs (chosen)", "reference log-probs (rejected)"]
-    assert ranks[1]["precompute_calls"] == []
+    # Each rank precomputed its shard of the rows; one cache entry was written.
+    for rank in ranks:
+        assert sorted(rank["precompute_calls"]) == ["reference log-probs (chosen)", "reference log-probs (rejected)"]
     assert len(list((tmp_path / "cache_ddp" / "reference_logps").iterdir())) == 1
     # The chunked head stays on under DDP (find_unused_parameters defaults to off for it).
     assert all(r["chunked_logps"] is True and r["find_unused"] is False for r in ranks)
@@ -384,8 +390,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     assert ranks[0]["token_counts"] == ranks[1]["token_counts"] == single["token_counts"]
 
     # Final weights: identical on both ranks, and equal to the one-process weights.
-    reference = load_file(str(runs["single"][2] / "weights_rank0.safetensors"))
-    per_rank = [load_file(str(runs["ddp"][2] / f"weights_rank{r}.safetensors")) for r in range(2)]
+    reference = load_file(str(outs["single"] / "weights_rank0.safetensors"))
+    per_rank = [load_file(str(outs["ddp"] / f"weights_rank{r}.safetensors")) for r in range(2)]
     assert single["moved"] > 1e-2
     for name, tensor in reference.items():
         assert torch.equal(per_rank[0][name], per_rank[1][name]), name

@@ -7,7 +7,7 @@ import torch
 
 from modpo import logps as logps_module
 from modpo.data.formats import pad
-from modpo.logps import batched_sequence_logps, output_head, sequence_logps
+from modpo.logps import batched_pair_logps, batched_sequence_logps, chunked_head_agrees, output_head, sequence_logps
 
 import tiny
 
@@ -172,3 +172,53 @@ def test_peft_model_chunked_equals_full():
     assert torch.allclose(full.double(), by_hand(model), atol=1e-4)
     # The head is back in place after the bypass.
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
+# ------------------------------------------------------------------ the chunked head checks itself at first use
+
+def counting_chunked(monkeypatch) -> list:
+    calls = []
+    original = logps_module.chunked_token_logps
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(logps_module, "chunked_token_logps", counting)
+    return calls
+
+
+def test_a_forward_that_changes_the_logits_turns_chunking_off(monkeypatch, caplog):
+    model = tiny.with_forward(tiny.soft_capped)
+    assert output_head(model) is not None  # the config list lets it through
+    expected = by_hand(model)  # log-probs of the model's own (capped) logits
+    with torch.no_grad():  # control: chunking really gives something else for this model
+        assert not torch.allclose(sequence_logps(model, *padded_batch(), chunked=True).double(), expected, atol=1e-2)
+    with caplog.at_level("WARNING", logger="modpo.logps"):
+        assert chunked_head_agrees(model, PROMPTS[:2], RESPONSES[:2], 0) is False
+        calls = counting_chunked(monkeypatch)
+        values = batched_sequence_logps(model, PROMPTS, RESPONSES, pad_token_id=0, batch_size=2)
+        chosen, rejected = batched_pair_logps(model, PROMPTS, RESPONSES, RESPONSES[::-1], pad_token_id=0)
+    assert calls == []  # remembered: the full path, without checking again
+    assert torch.allclose(values.double(), expected, atol=1e-4)
+    assert torch.allclose(chosen, values, atol=1e-5)
+    assert torch.allclose(rejected.double(), by_hand(model, PROMPTS, RESPONSES[::-1]), atol=1e-4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "SoftCapped" in warnings[0] and "chunked LM head turned off" in warnings[0]
+
+
+def test_batched_scoring_checks_before_its_first_batch(monkeypatch):
+    model = tiny.with_forward(tiny.soft_capped, seed=5)
+    values = batched_sequence_logps(model, PROMPTS, RESPONSES, pad_token_id=0, batch_size=4)  # no prior check
+    assert torch.allclose(values.double(), by_hand(model), atol=1e-4)
+
+
+@pytest.mark.parametrize("transform", [tiny.doubled, None])
+def test_heads_the_check_keeps_chunked(transform, monkeypatch):
+    """A plain multiplier (e.g. FalconH1's lm_head_multiplier) commutes with the head: chunking stays right."""
+    model = tiny.with_forward(transform) if transform else tiny.model(len(tiny.tokenizer()), seed=6).eval()
+    assert chunked_head_agrees(model, PROMPTS[:2], RESPONSES[:2], 0) is True
+    calls = counting_chunked(monkeypatch)
+    values = batched_sequence_logps(model, PROMPTS, RESPONSES, pad_token_id=0, batch_size=4)
+    assert calls  # the chunked path ran
+    assert torch.allclose(values.double(), by_hand(model), atol=1e-4)

@@ -355,3 +355,25 @@ def test_yaml_length_penalty_takes_a_version():
     plain, versioned = margin_sources([{"type": "length_penalty"}, {"type": "length_penalty", "version": 2}], tok, 32)
     assert plain.version is None and versioned.version == "2"
     assert plain.identity() != versioned.identity()
+
+
+# ------------------------------------------------------------------------------------------ device placement
+
+def test_margin_models_score_on_the_requested_device_and_return(tmp_path):
+    tok = tiny.tokenizer()
+    events = []
+    reward = tiny.spy_placement(tiny.model(len(tok), seed=20, num_labels=2), events, "reward")
+    reference = tiny.spy_placement(tiny.model(len(tok), seed=21), events, "reference")
+    policy = tiny.spy_placement(tiny.perturbed(tiny.model(len(tok), seed=21), seed=22), events, "policy")
+    sources = [RewardModelMargins(reward, tokenizer=tok, batch_size=2),
+               ImplicitRewardMargins(policy, ref_model=reference, tokenizer=tok, batch_size=2),
+               CallableMargins(length_penalty)]  # no model: nothing to move
+    data = Dataset.from_list(tiny.rows(3, seed=23))
+    compute_margin_rewards(sources, data, tmp_path, device="cuda:1")
+    for label in ("reward", "policy", "reference"):
+        assert tiny.placement_of(events, label) == ["to cuda:1", "forward", "to cpu"], label
+    # Cached: nothing is moved or run again; without a device, models stay where they are.
+    events.clear()
+    compute_margin_rewards(sources, data, tmp_path, device="cuda:1")
+    compute_margin_rewards(sources[:2], Dataset.from_list(tiny.rows(3, seed=24)), tmp_path)
+    assert {what for _, what, _ in events} == {"forward"}

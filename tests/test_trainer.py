@@ -113,6 +113,70 @@ def test_tokenizer_without_pad_token(tmp_path, tok):
                      processing_class=tok)
 
 
+class Stop(Exception):
+    pass
+
+
+def test_precompute_models_run_on_the_training_device(tmp_path, tok, monkeypatch):
+    """Margin models and the reference are moved to args.device to score, and back to the CPU afterwards
+    (the device is a name only here: the recorded `.to` calls do not move anything)."""
+    from modpo.margins import ImplicitRewardMargins
+
+    class OnDevice(MODPOConfig):
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    events = []
+    base = tiny.model(len(tok), seed=30)
+    policy, margin_policy, margin_reference = (tiny.perturbed(base, seed=s) for s in (31, 32, 33))
+    reference = tiny.spy_placement(base, events, "reference")  # copies first: a copy would carry the spy
+    source = ImplicitRewardMargins(tiny.spy_placement(margin_policy, events, "margin_policy"),
+                                   ref_model=tiny.spy_placement(margin_reference, events, "margin_reference"),
+                                   tokenizer=tok, batch_size=2)
+
+    def stop(*args):
+        raise Stop
+
+    monkeypatch.setattr(trainer_module, "check_chunked_head", stop)
+    args = OnDevice(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_length=32, weights=[0.5, 0.5],
+                    disable_tqdm=True)
+    with pytest.raises(Stop):  # stop before the Trainer places the policy on the (absent) device
+        MODPOTrainer(policy, ref_model=reference, args=args,
+                     train_dataset=Dataset.from_list(tiny.rows(3, seed=33)), processing_class=tok,
+                     margin_rewards=[source])
+    for label in ("reference", "margin_policy", "margin_reference"):
+        assert tiny.placement_of(events, label) == ["to cuda:1", "forward", "to cpu"], label
+    # The policy as reference stays on the device: training runs it there.
+    events.clear()
+    with pytest.raises(Stop):
+        MODPOTrainer(tiny.spy_placement(policy, events, "policy"), args=args, processing_class=tok,
+                     train_dataset=Dataset.from_list(tiny.rows(3, seed=33)), margin_rewards=[source])
+    assert tiny.placement_of(events, "policy") == ["to cuda:1", "forward"]
+
+
+def test_a_head_the_chunked_path_cannot_reproduce_turns_chunking_off(tmp_path, tok, caplog):
+    data = Dataset.from_list(tiny.rows(4, seed=34))
+    with caplog.at_level("WARNING", logger="modpo.logps"):
+        capped = MODPOTrainer(tiny.with_forward(tiny.soft_capped, seed=35), args=config(tmp_path), train_dataset=data,
+                              processing_class=tok)
+    assert capped.args.chunked_logps is False
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "SoftCapped" in warnings[0]
+    # The reference log-probs (the policy as reference) are those of the model's full logits.
+    reference = tiny.with_forward(tiny.soft_capped, seed=35)
+    expected = batched_sequence_logps_full(reference, capped.train_dataset, tok.pad_token_id)
+    assert torch.allclose(torch.tensor(capped.train_dataset["ref_chosen_logps"]), expected, atol=1e-5)
+    plain = MODPOTrainer(tiny.model(len(tok), seed=35), args=config(tmp_path), train_dataset=data, processing_class=tok)
+    assert plain.args.chunked_logps is True
+
+
+def batched_sequence_logps_full(model, tokenized, pad_token_id):
+    from modpo.logps import batched_sequence_logps
+
+    return batched_sequence_logps(model, tokenized["prompt_ids"], tokenized["chosen_ids"], pad_token_id, chunked=False)
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 def test_lora_training_changes_only_lora_parameters(tmp_path, tok):

@@ -136,3 +136,54 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def spy_placement(model, events: list, label: str):
+    """Record the model's `.to(device)` calls (without moving it: the device asked for need not exist here)
+    and its forward passes, in order."""
+    def to(*args, **kwargs):
+        events.append((label, "to", str(torch.device(args[0] if args else kwargs["device"]))))
+        return model
+
+    model.to = to
+    model.register_forward_pre_hook(lambda module, args: events.append((label, "forward", None)))
+    return model
+
+
+def placement_of(events: list, label: str) -> list:
+    """The model's events with runs of forward passes collapsed: e.g. [to cuda:1, forward, to cpu]."""
+    out = []
+    for _, what, device in [e for e in events if e[0] == label]:
+        step = f"to {device}" if what == "to" else "forward"
+        if not (out and step == out[-1] == "forward"):
+            out.append(step)
+    return out
+
+
+def with_forward(transform, seed=4):
+    """A tiny Llama (same weights for the same seed) whose forward passes its logits through `transform`;
+    its config declares nothing unusual, so `output_head`'s list cannot tell."""
+    from transformers import LlamaForCausalLM
+
+    base = model(len(tokenizer()), seed=seed)
+
+    class Transformed(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = transform(out.logits)
+            return out
+
+    Transformed.__name__ = "".join(part.capitalize() for part in transform.__name__.split("_"))  # e.g. SoftCapped
+    out = Transformed(base.config)
+    out.load_state_dict(base.state_dict())
+    return out.eval()
+
+
+def soft_capped(logits):
+    """A soft cap (as Gemma's): not linear, so applying it to hidden states instead of logits changes the result."""
+    return 2.0 * torch.tanh(logits / 2.0)
+
+
+def doubled(logits):
+    """A plain multiplier (as FalconH1's lm_head_multiplier): commutes with the LM head."""
+    return 2.0 * logits

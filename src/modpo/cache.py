@@ -89,23 +89,42 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def entry_path(kind: str, key: dict, cache_dir: Path | str | None = None) -> tuple[Path, str]:
+    """Where the entry for (kind, key) lives, and the digest stored in it."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = stable_hash({"kind": kind, **key})
+    return cache_dir / kind / f"{digest}.safetensors", digest
+
+
+def load_cached(kind: str, key: dict, cache_dir: Path | str | None = None) -> dict[str, torch.Tensor] | None:
+    """The stored tensors for (kind, key), or None where there is no sound entry."""
+    path, digest = entry_path(kind, key, cache_dir)
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:  # the key is in the header metadata
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        if header.get("__metadata__", {}).get("key") == digest:
+            logger.info("reusing cached %s from %s", kind, path)
+            return tensors
+        logger.warning("cache entry %s does not match its key; recomputing", path)
+    except Exception as err:  # a torn or corrupted file: recompute, never trust it
+        logger.warning("cache entry %s is unreadable (%s); recomputing", path, err)
+    return None
+
+
+def store_cached(kind: str, key: dict, tensors: dict[str, torch.Tensor],
+                 cache_dir: Path | str | None = None) -> dict[str, torch.Tensor]:
+    """Write the entry for (kind, key); returns the tensors as stored (contiguous, on CPU)."""
+    path, digest = entry_path(kind, key, cache_dir)
+    tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": digest, "kind": kind}))
+    return tensors
+
+
 def cached_tensors(kind: str, key: dict, compute: Callable[[], dict[str, torch.Tensor]],
                    cache_dir: Path | str | None = None) -> dict[str, torch.Tensor]:
     """Load the entry for (kind, key) or compute and store it."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    digest = stable_hash({"kind": kind, **key})
-    path = cache_dir / kind / f"{digest}.safetensors"
-    if path.exists():
-        try:
-            tensors = load_file(str(path))
-            with open(path, "rb") as f:  # the key is in the header metadata
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            if header.get("__metadata__", {}).get("key") == digest:
-                logger.info("reusing cached %s from %s", kind, path)
-                return tensors
-            logger.warning("cache entry %s does not match its key; recomputing", path)
-        except Exception as err:  # a torn or corrupted file: recompute, never trust it
-            logger.warning("cache entry %s is unreadable (%s); recomputing", path, err)
-    tensors = {name: t.contiguous().cpu() for name, t in compute().items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": digest, "kind": kind}))
-    return tensors
+    tensors = load_cached(kind, key, cache_dir)
+    return tensors if tensors is not None else store_cached(kind, key, compute(), cache_dir)

@@ -7,14 +7,23 @@ Two ways to get them, with the same result:
   head to the response positions a chunk at a time (`_ChunkedLinearLogProb`), recomputing each chunk in
   backward. Full-vocabulary fp32 logits never exist for more than one chunk, and the head never runs on
   prompt or pad tokens.
+
+The list of configurations in `output_head` only pre-filters: before a model's first batched scoring, and at
+trainer start-up, `chunked_head_agrees` scores a row or two both ways and turns chunking off for a model whose
+forward changes its logits beyond the LM head in a way the bypass does not carry over (a soft cap, an offset;
+a plain multiplier such as FalconH1's `lm_head_multiplier` commutes with the head and keeps chunking).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 # Chunk size is chosen so that one chunk of fp32 logits holds about this many elements (256 MiB).
 LOGITS_ELEMENTS_PER_CHUNK = 1 << 26
@@ -164,37 +173,80 @@ def sequence_logps(
     return out.index_add(0, score_sequences, token_logps)
 
 
+def padded_batch(prompt_ids: list, response_ids: list, pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """`sequence_logps` inputs for prompt + response sequences, one per row, right-padded."""
+    from modpo.data.formats import pad
+
+    sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)]
+    return {"input_ids": pad(sequences, pad_token_id).to(device),
+            "attention_mask": pad([[1] * len(s) for s in sequences], 0).to(device),
+            "response_mask": pad(masks, 0).to(device)}
+
+
+# Model -> whether its chunked head reproduced its full logits: each model is checked (and warned about) once.
+_HEAD_AGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def chunked_head_agrees(model: torch.nn.Module, prompt_ids: list, response_ids: list, pad_token_id: int) -> bool:
+    """Whether chunked scoring gives the model's full-logit log-probs on these (one or two) sequences.
+
+    Relative tolerance 1e-4 in fp32, 2e-2 under autocast. A model that fails is named in one warning and
+    remembered, so its later checks return False without scoring.
+    """
+    inner = getattr(model, "module", model)
+    if output_head(model) is None or not prompt_ids:
+        return True  # nothing is chunked (or nothing to check with)
+    if inner in _HEAD_AGREES:
+        return _HEAD_AGREES[inner]
+    device = next(model.parameters()).device
+    batch = padded_batch(prompt_ids, response_ids, pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    try:
+        chunked = sequence_logps(model, chunked=True, **batch).float()
+        full = sequence_logps(model, chunked=False, **batch).float()
+    finally:
+        model.train(was_training)
+    difference = ((chunked - full).abs() / full.abs().clamp(min=1)).max().item()
+    agrees = difference <= (2e-2 if torch.is_autocast_enabled(device.type) else 1e-4)
+    if not agrees:
+        logger.warning("chunked LM head turned off for %s: its log-probs differ from the full logits' by %.2g relative "
+                       "(its forward changes the logits beyond the LM head); scoring it with full logits",
+                       type(inner).__name__, difference)
+    _HEAD_AGREES[inner] = agrees
+    return agrees
+
+
 @torch.inference_mode()
 def batched_sequence_logps(model, prompt_ids: list, response_ids: list, pad_token_id: int, batch_size: int = 16,
-                           desc: str = "log-probs") -> torch.Tensor:
+                           desc: str = "log-probs", chunked: bool = True) -> torch.Tensor:
     """log pi(response | prompt) for many pairs, in inference mode, longest first (shape (N,), fp32, CPU).
 
-    Sorting by length keeps padding small and puts any out-of-memory failure at the first batch.
+    Sorting by length keeps padding small and puts any out-of-memory failure at the first batch. The chunked
+    head is used where it reproduces the full logits on the first two rows (`chunked_head_agrees`).
     """
     from tqdm.auto import tqdm
 
-    from modpo.data.formats import pad
-
     device = next(model.parameters()).device
+    chunked = chunked and chunked_head_agrees(model, prompt_ids[:2], response_ids[:2], pad_token_id)
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
     out = torch.zeros(len(order), dtype=torch.float32)
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         rows = order[start : start + batch_size]
-        sequences = [list(prompt_ids[i]) + list(response_ids[i]) for i in rows]
-        masks = [[0] * len(prompt_ids[i]) + [1] * len(response_ids[i]) for i in rows]
-        input_ids = pad(sequences, pad_token_id).to(device)
-        attention_mask = pad([[1] * len(s) for s in sequences], 0).to(device)
-        response_mask = pad(masks, 0).to(device)
-        out[rows] = sequence_logps(model, input_ids, attention_mask, response_mask).float().cpu()
+        batch = padded_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], pad_token_id, device)
+        out[rows] = sequence_logps(model, chunked=chunked, **batch).float().cpu()
     model.train(was_training)
     return out
 
 
 @torch.inference_mode()
 def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: list, pad_token_id: int,
-                       batch_size: int = 16, desc: str = "log-probs") -> tuple[torch.Tensor, torch.Tensor]:
+                       batch_size: int = 16, desc: str = "log-probs",
+                       chunked: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi(chosen | prompt), log pi(rejected | prompt)) for many pairs with prefix sharing: each prompt runs once
     (`modpo.packing.pack_shared_prompt`), `batch_size` sequences (batch_size // 2 pairs) per forward, longest first.
     Same values as two `batched_sequence_logps` calls, in fewer token passes. Shapes (N,), fp32, CPU."""
@@ -204,6 +256,8 @@ def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: 
     from modpo.packing import packed_attention
 
     device = next(model.parameters()).device
+    chunked = chunked and chunked_head_agrees(model, [*prompt_ids[:1]] * 2, [*chosen_ids[:1], *rejected_ids[:1]],
+                                              pad_token_id)
     pairs_per_batch = max(1, batch_size // 2)
     length = lambda i: len(prompt_ids[i]) + len(chosen_ids[i]) + len(rejected_ids[i])
     order = sorted(range(len(prompt_ids)), key=lambda i: -length(i))
@@ -215,7 +269,8 @@ def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: 
             rows = order[start : start + pairs_per_batch]
             batch = concatenated_inputs([prompt_ids[i] for i in rows], [chosen_ids[i] for i in rows],
                                         [rejected_ids[i] for i in rows], pad_token_id, prefix_sharing=True)
-            values = sequence_logps(model, num_sequences=2 * len(rows), **to_device(batch, device)).float().cpu()
+            values = sequence_logps(model, chunked=chunked, num_sequences=2 * len(rows),
+                                    **to_device(batch, device)).float().cpu()
             chosen[rows], rejected[rows] = values[: len(rows)], values[len(rows) :]
     model.train(was_training)
     return chosen, rejected

@@ -13,6 +13,7 @@ of a sweep reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import math
@@ -20,9 +21,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from modpo.cache import cached_tensors, columns_fingerprint, model_identity, stable_hash, tokenizer_fingerprint
+from modpo.cache import columns_fingerprint, model_identity, stable_hash, tokenizer_fingerprint
 from modpo.data.encode import ENCODER_VERSION, encode, fit, scoring_ids, sequence_ids
 from modpo.data.formats import pad
+from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import DataError
 from modpo.logps import batched_pair_logps, batched_sequence_logps
 
@@ -49,6 +51,29 @@ class MarginSource:
 
     def describe(self) -> str:
         return self.name
+
+    def models(self) -> list[torch.nn.Module]:
+        """The models that score (moved to the training device while they do)."""
+        return []
+
+    @contextlib.contextmanager
+    def on_device(self, device):
+        """Move the scoring models to `device` (None: leave them) and back where they were afterwards,
+        so they hold no device memory during training."""
+        models = [m for m in self.models() if m is not None and next(m.parameters(), None) is not None]
+        if device is None or not models:
+            yield
+            return
+        before = [next(m.parameters()).device for m in models]
+        for model in models:
+            model.to(device)
+        try:
+            yield
+        finally:
+            for model, where in zip(models, before):
+                model.to(where)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
 
 
 class ColumnMargins(MarginSource):
@@ -189,6 +214,9 @@ class RewardModelMargins(MarginSource):
             raise ValueError(f"reward model {self.path or name} has {num_labels} outputs; outputs {bad} do not exist")
         self.num_objectives, self.batch_size, self.max_length, self.name = len(self.outputs), batch_size, max_length, name
 
+    def models(self):
+        return [self.model]
+
     def describe(self) -> str:
         outputs = "" if self.outputs == [0] else f", outputs {self.outputs}"
         return f"{self.name} ({self.path or 'model object'}{outputs})"
@@ -240,6 +268,9 @@ class ImplicitRewardMargins(MarginSource):
         self.beta, self.batch_size, self.max_length, self.name = beta, batch_size, max_length, name
         self.append_eos = append_eos
         self.prefix_sharing = prefix_sharing  # score both sides of a pair with each prompt run once
+
+    def models(self):
+        return [self.model, self.ref_model]
 
     def describe(self) -> str:
         ref_path = getattr(getattr(self.ref_model, "config", None), "_name_or_path", "") if self.ref_model is not None else ""
@@ -294,9 +325,12 @@ class ImplicitRewardMargins(MarginSource):
         return {"chosen": both[0][:, None], "rejected": both[1][:, None]}
 
 
-def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=None,
-                           data_name: str = "dataset") -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) margins, each (N, K-1): every source once per side, cached by content."""
+def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=None, data_name: str = "dataset",
+                           device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) margins, each (N, K-1): every source once per side, cached by content.
+
+    Model sources score on `device` (the training device; None: where they are). In a distributed run each
+    process scores its shard of the rows (`distributed_precompute`)."""
     for source in sources:
         missing = [c for side in SIDES for c in getattr(source, "columns", {}).get(side, []) if c not in dataset.column_names]
         if missing:
@@ -308,10 +342,11 @@ def compute_margin_rewards(sources: Sequence[MarginSource], dataset, cache_dir=N
         key = {"source": source.identity(), "data": data_key, "encoder": ENCODER_VERSION,
                "extra": columns_fingerprint(dataset, extra) if extra else None}
 
-        def compute(source=source):
-            return source.score_pairs(dataset)
+        def compute(rows, source=source):
+            with source.on_device(device):
+                return source.score_pairs(dataset if len(rows) == len(dataset) else dataset.select(rows))
 
-        scores = cached_tensors("margins", key, compute, cache_dir)
+        scores = sharded_cached_tensors("margins", key, compute, len(dataset), cache_dir)
         chosen.append(scores["chosen"].float().reshape(len(dataset), -1))
         rejected.append(scores["rejected"].float().reshape(len(dataset), -1))
     return torch.cat(chosen, dim=1), torch.cat(rejected, dim=1)

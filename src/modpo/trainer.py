@@ -19,11 +19,12 @@ import torch
 from transformers import Trainer
 from transformers.training_args import ParallelMode
 
-from modpo.cache import cached_tensors, columns_fingerprint
+from modpo.cache import columns_fingerprint
 from modpo.config import MODPOConfig
 from modpo.data.formats import PreferenceCollator, tokenize_preferences
+from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import ConfigError
-from modpo.logps import batched_pair_logps, batched_sequence_logps, output_head, sequence_logps
+from modpo.logps import batched_pair_logps, batched_sequence_logps, chunked_head_agrees, output_head, sequence_logps
 from modpo.loss import modpo_loss
 from modpo.margins import compute_margin_rewards
 from modpo.reference import StartInfo, is_peft_model, prepare_policy, reference_for
@@ -98,7 +99,8 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
                                      num_margins=num_margins if has_columns else None, append_eos=args.append_eos,
                                      long_prompts=args.long_prompts, max_prompt_length=args.max_prompt_length)
     if margin_sources:  # on the rows training keeps (a dropped long prompt leaves its row out everywhere)
-        chosen, rejected = compute_margin_rewards(margin_sources, tokenized, args.cache_dir, data_name=name)
+        chosen, rejected = compute_margin_rewards(margin_sources, tokenized, args.cache_dir, data_name=name,
+                                                  device=args.device)
         if chosen.shape[1] != num_margins:
             raise ConfigError(f"margin sources give {chosen.shape[1]} objectives but weights {args.weights} "
                               f"expect {num_margins}")
@@ -113,29 +115,52 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
            "data": columns_fingerprint(tokenized, ["prompt_ids", "chosen_ids", "rejected_ids"]),
            "dtype": str(next(reference.parameters()).dtype), "autocast": str(half)}
 
-    def compute():
+    def compute(rows: range):  # this process's rows: all of them, or its shard in a distributed run
+        ids = {column: tokenized[column][rows.start : rows.stop]
+               for column in ("prompt_ids", "chosen_ids", "rejected_ids")}
         device_before = next(reference.parameters()).device
-        reference.to(args.device)
+        reference.to(args.device)  # the policy as reference stays there: training places it on this device too
         pad_id = tokenizer.pad_token_id
         autocast = torch.autocast(args.device.type, dtype=half) if half else nullcontext()
         with ref.context(), autocast:
             if args.prefix_sharing:  # each prompt once, as in training
-                chosen, rejected = batched_pair_logps(reference, tokenized["prompt_ids"], tokenized["chosen_ids"],
-                                                      tokenized["rejected_ids"], pad_id, args.precompute_batch_size,
-                                                      desc="reference log-probs")
+                chosen, rejected = batched_pair_logps(reference, ids["prompt_ids"], ids["chosen_ids"],
+                                                      ids["rejected_ids"], pad_id, args.precompute_batch_size,
+                                                      desc="reference log-probs", chunked=args.chunked_logps)
                 out = {"chosen": chosen, "rejected": rejected}
             else:
-                out = {side: batched_sequence_logps(reference, tokenized["prompt_ids"], tokenized[f"{side}_ids"],
-                                                    pad_id, args.precompute_batch_size,
-                                                    desc=f"reference log-probs ({side})")
+                out = {side: batched_sequence_logps(reference, ids["prompt_ids"], ids[f"{side}_ids"], pad_id,
+                                                    args.precompute_batch_size, desc=f"reference log-probs ({side})",
+                                                    chunked=args.chunked_logps)
                        for side in ("chosen", "rejected")}
         if ref.separate:
             reference.to(device_before)
         return out
 
-    logps = cached_tensors("reference_logps", key, compute, args.cache_dir)
+    logps = sharded_cached_tensors("reference_logps", key, compute, len(tokenized), args.cache_dir)
     return (tokenized.add_column("ref_chosen_logps", logps["chosen"].tolist())
             .add_column("ref_rejected_logps", logps["rejected"].tolist()))
+
+
+@torch.no_grad()
+def check_chunked_head(model, tokenized, pad_token_id: int, args: MODPOConfig, pairs: int = 1) -> None:
+    """Turn `chunked_logps` off where the chunked LM head does not reproduce the model's full logits.
+
+    The list of configurations in `logps.output_head` cannot know every model that changes its logits in
+    forward (e.g. a soft cap not declared in its config), so the first `pairs` rows are scored both ways first
+    (`logps.chunked_head_agrees`, which warns naming the model class).
+    """
+    if not args.chunked_logps or tokenized is None or len(tokenized) == 0:
+        return
+    rows = tokenized.select(range(min(pairs, len(tokenized))))
+    prompts = [list(p) for p in rows["prompt_ids"]]
+    responses = [list(r) for r in rows["chosen_ids"]] + [list(r) for r in rows["rejected_ids"]]
+    half = precompute_autocast_dtype(args)
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=half) if half else nullcontext():
+        agrees = chunked_head_agrees(model, prompts + prompts, responses, pad_token_id)
+    if not agrees:
+        args.chunked_logps = False
 
 
 @torch.no_grad()
@@ -208,14 +233,16 @@ class MODPOTrainer(Trainer):
         model, self.start = prepare_policy(model, peft_config, seed=args.seed)
         disable_dropout(model)
         self.margin_sources = list(margin_rewards or [])
-        with args.main_process_first(desc="precompute"):
-            prepare = lambda data, name: precompute_columns(data, model, ref_model, processing_class, args,
-                                                             self.margin_sources, name, start=self.start)
-            train_name, eval_name = data_names
-            if train_dataset is not None:
-                train_dataset = prepare(train_dataset, train_name or "train_dataset")
-            if eval_dataset is not None:
-                eval_dataset = prepare(eval_dataset, eval_name or "eval_dataset")
+        # Every process precomputes its shard of the rows at once (`distributed_precompute`): no main-process-first.
+        prepare = lambda data, name: precompute_columns(data, model, ref_model, processing_class, args,
+                                                         self.margin_sources, name, start=self.start)
+        train_name, eval_name = data_names
+        if train_dataset is not None:
+            train_dataset = prepare(train_dataset, train_name or "train_dataset")
+        if eval_dataset is not None:
+            eval_dataset = prepare(eval_dataset, eval_name or "eval_dataset")
+        check_chunked_head(model, train_dataset if train_dataset is not None else eval_dataset,
+                           processing_class.pad_token_id, args)
         if args.padding_free or args.prefix_sharing:
             from modpo.packing import use_padding_free
 
