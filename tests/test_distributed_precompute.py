@@ -77,7 +77,7 @@ SCRIPT = textwrap.dedent('''
     report = {"world_size": args.world_size}
     for attempt in ("first", "cached"):
         sources = [ImplicitRewardMargins(dpo, ref_model=policy, tokenizer=tok, beta=0.5, batch_size=2),
-                   CallableMargins(brevity)]
+                   CallableMargins(brevity, version="1")]  # the counter it writes is not behaviour
         trainer = MODPOTrainer(copy.deepcopy(policy), args=args, train_dataset=data, processing_class=tok,
                                margin_rewards=sources)
         report[attempt] = {"scored": copy.deepcopy(scored),
