@@ -47,7 +47,7 @@ def crossing(batch: dict) -> dict:
 def logps_and_grads(model, layout: dict, pairs, device, autocast_dtype, broken: bool = False):
     import torch
 
-    from modpo.data.formats import concatenated_inputs, to_device
+    from modpo.batch import concatenated_inputs, to_device
     from modpo.logps import sequence_logps
     from modpo.packing import use_padding_free
 

@@ -204,10 +204,11 @@ class CountingCollator:
 
     def __call__(self, features):
         batch = self.inner(features)
-        if "attention_mask" in batch:
-            computed = int(batch["attention_mask"].sum())
+        layout = batch.get("layout", batch)  # modpo's batch keeps the model's inputs in its layout
+        if "attention_mask" in layout:
+            computed = int(layout["attention_mask"].sum())
         else:  # modpo packed: sequences 0..2B-1 are real, a trailing filler (if any) is not
-            computed = int((batch["sequence_index"] < 2 * len(features)).sum())
+            computed = int((layout["sequence_index"] < 2 * len(features)).sum())
         if "prompt_ids" in features[0]:  # modpo's features: count the sequences whatever the layout
             self.counts.append(sum(2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
                                    for f in features))

@@ -10,7 +10,8 @@ import torch
 from datasets import Dataset
 
 from modpo.data.encode import encode
-from modpo.data.formats import PreferenceCollator, check_preference_row, tokenize_preferences
+from modpo.batch import PreferenceCollator
+from modpo.data.formats import check_preference_row, tokenize_preferences
 from modpo.errors import DataError
 
 import tiny
@@ -190,22 +191,23 @@ def test_collator_shapes_and_masks():
     for i, f in enumerate(tokenized):
         features.append({**f, "ref_chosen_logps": -1.0 - i, "ref_rejected_logps": -2.0 - i})
     batch = PreferenceCollator(pad_token_id=tok.pad_token_id)(features)
+    layout = batch["layout"]  # what the model and the log-prob extraction read; the rest is for the loss
     pairs = len(features)
     lengths = [len(f["prompt_ids"]) + len(f[f"{side}_ids"]) for side in ("chosen", "rejected") for f in features]
-    assert batch["input_ids"].shape == (2 * pairs, max(lengths))
-    assert batch["attention_mask"].shape == batch["input_ids"].shape
-    assert batch["attention_mask"].sum(dim=1).tolist() == lengths
-    width = batch["input_ids"].shape[1]
+    assert layout["input_ids"].shape == (2 * pairs, max(lengths))
+    assert layout["attention_mask"].shape == layout["input_ids"].shape
+    assert layout["attention_mask"].sum(dim=1).tolist() == lengths
+    width = layout["input_ids"].shape[1]
     for row in range(2 * pairs):
         f, side = features[row % pairs], ("chosen", "rejected")[row // pairs]
         prompt, response = f["prompt_ids"], f[f"{side}_ids"]
-        mine = batch["score_sequences"] == row
+        mine = layout["score_sequences"] == row
         # response token t is scored by the hidden state of the token before it, in the same row
-        assert (batch["score_positions"][mine] - row * width).tolist() == list(range(len(prompt) - 1, len(prompt) + len(response) - 1))
-        assert batch["score_targets"][mine].tolist() == response
-        assert batch["input_ids"][row, : len(prompt) + len(response)].tolist() == prompt + response
-        assert (batch["input_ids"][row, lengths[row]:] == tok.pad_token_id).all()
-        assert (batch["attention_mask"][row, lengths[row]:] == 0).all()
+        assert (layout["score_positions"][mine] - row * width).tolist() == list(range(len(prompt) - 1, len(prompt) + len(response) - 1))
+        assert layout["score_targets"][mine].tolist() == response
+        assert layout["input_ids"][row, : len(prompt) + len(response)].tolist() == prompt + response
+        assert (layout["input_ids"][row, lengths[row]:] == tok.pad_token_id).all()
+        assert (layout["attention_mask"][row, lengths[row]:] == 0).all()
     assert batch["ref_chosen_logps"].tolist() == [-1.0 - i for i in range(pairs)]
     assert batch["ref_rejected_logps"].dtype == torch.float32 and batch["ref_rejected_logps"].shape == (pairs,)
     assert batch["chosen_margins"].shape == batch["rejected_margins"].shape == (pairs, 2)
@@ -215,12 +217,13 @@ def test_collator_shapes_and_masks():
 
 def test_collator_without_optional_columns():
     batch = PreferenceCollator(pad_token_id=0)([{"prompt_ids": [5], "chosen_ids": [6, 2], "rejected_ids": [7, 8, 2]}])
-    assert set(batch) == {"input_ids", "attention_mask", "score_positions", "score_targets", "score_sequences",
-                          "row_index"}
-    assert batch["input_ids"].tolist() == [[5, 6, 2, 0], [5, 7, 8, 2]]
-    assert batch["score_positions"].tolist() == [0, 1, 4, 5, 6]  # flat positions: row 1 starts at 4
-    assert batch["score_targets"].tolist() == [6, 2, 7, 8, 2]
-    assert batch["score_sequences"].tolist() == [0, 0, 1, 1, 1]
+    layout = batch["layout"]
+    assert set(batch) == {"layout", "row_index"}
+    assert set(layout) == {"input_ids", "attention_mask", "score_positions", "score_targets", "score_sequences"}
+    assert layout["input_ids"].tolist() == [[5, 6, 2, 0], [5, 7, 8, 2]]
+    assert layout["score_positions"].tolist() == [0, 1, 4, 5, 6]  # flat positions: row 1 starts at 4
+    assert layout["score_targets"].tolist() == [6, 2, 7, 8, 2]
+    assert layout["score_sequences"].tolist() == [0, 0, 1, 1, 1]
     assert batch["row_index"].tolist() == [-1]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modpo import logps as logps_module
-from modpo.data.formats import pad
+from modpo.batch import pad
 from modpo.logps import batched_pair_logps, batched_sequence_logps, chunked_head_agrees, output_head, sequence_logps
 
 import tiny

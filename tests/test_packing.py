@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 
 from modpo import MODPOConfig, MODPOTrainer
-from modpo.data.formats import concatenated_inputs
+from modpo.batch import concatenated_inputs
 from modpo.logps import sequence_logps
 from modpo.packing import pack_shared_prompt, use_padding_free
 

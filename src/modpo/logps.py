@@ -22,6 +22,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from modpo.batch import concatenated_inputs, pad, to_device
+from modpo.packing import check_flash_alignment, packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +157,6 @@ def sequence_logps(
         num_sequences = input_ids.shape[0]
     model_inputs.pop("sequence_index", None)  # which sequence each token belongs to: bookkeeping, not a model input
     if "rejected_offset" in model_inputs:  # prefix sharing: decide the attention kernel before a compiled forward
-        from modpo.packing import check_flash_alignment
 
         check_flash_alignment(input_ids.device, _compute_dtype(next(model.parameters())))
     head = output_head(model) if chunked else None
@@ -175,7 +176,6 @@ def sequence_logps(
 
 def padded_batch(prompt_ids: list, response_ids: list, pad_token_id: int, device) -> dict[str, torch.Tensor]:
     """`sequence_logps` inputs for prompt + response sequences, one per row, right-padded."""
-    from modpo.data.formats import pad
 
     sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
     masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)]
@@ -251,9 +251,6 @@ def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: 
     (`modpo.packing.pack_shared_prompt`), `batch_size` sequences (batch_size // 2 pairs) per forward, longest first.
     Same values as two `batched_sequence_logps` calls, in fewer token passes. Shapes (N,), fp32, CPU."""
     from tqdm.auto import tqdm
-
-    from modpo.data.formats import concatenated_inputs, to_device
-    from modpo.packing import packed_attention
 
     device = next(model.parameters()).device
     chunked = chunked and chunked_head_agrees(model, [*prompt_ids[:1]] * 2, [*chosen_ids[:1], *rejected_ids[:1]],

@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from modpo import margins as m
 from modpo.errors import ConfigError
+from modpo.margins import CallableMargins, ColumnMargins, ImplicitRewardMargins, RewardModelMargins, length_penalty
 
 
 def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing: bool = False, append_eos: bool = True):
@@ -24,20 +24,20 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing
         where = f"margins[{i}]"
         try:
             if kind == "implicit_reward":
-                sources.append(m.ImplicitRewardMargins(spec.pop("model"), ref_model=spec.pop("ref_model", None),
-                                                       beta=float(spec.pop("beta", 0.1)), max_length=max_length,
-                                                       tokenizer=tokenizer if spec.pop("same_tokenizer", True) else None,
-                                                       prefix_sharing=bool(spec.pop("prefix_sharing", prefix_sharing)),
-                                                       append_eos=bool(spec.pop("append_eos", append_eos)),
-                                                       **spec))
+                sources.append(ImplicitRewardMargins(spec.pop("model"), ref_model=spec.pop("ref_model", None),
+                                                     beta=float(spec.pop("beta", 0.1)), max_length=max_length,
+                                                     tokenizer=tokenizer if spec.pop("same_tokenizer", True) else None,
+                                                     prefix_sharing=bool(spec.pop("prefix_sharing", prefix_sharing)),
+                                                     append_eos=bool(spec.pop("append_eos", append_eos)),
+                                                     **spec))
             elif kind == "reward_model":
-                sources.append(m.RewardModelMargins(spec.pop("model"), outputs=spec.pop("outputs", None),
-                                                    max_length=max_length, **spec))
+                sources.append(RewardModelMargins(spec.pop("model"), outputs=spec.pop("outputs", None),
+                                                  max_length=max_length, **spec))
             elif kind == "columns":
-                sources.append(m.ColumnMargins(spec.pop("chosen"), spec.pop("rejected"), **spec))
+                sources.append(ColumnMargins(spec.pop("chosen"), spec.pop("rejected"), **spec))
             elif kind == "length_penalty":
-                sources.append(m.CallableMargins(m.length_penalty, name=spec.pop("name", "length_penalty"),
-                                                 version=spec.pop("version", None)))
+                sources.append(CallableMargins(length_penalty, name=spec.pop("name", "length_penalty"),
+                                               version=spec.pop("version", None)))
             else:
                 raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, length_penalty)")
         except KeyError as err:

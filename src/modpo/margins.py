@@ -21,12 +21,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from modpo.batch import pad
 from modpo.cache import columns_fingerprint, model_identity, stable_hash, tokenizer_fingerprint
 from modpo.data.encode import ENCODER_VERSION, encode, fit, scoring_ids, sequence_ids
-from modpo.data.formats import pad
 from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import DataError
 from modpo.logps import batched_pair_logps, batched_sequence_logps
+from modpo.models import load_model, load_tokenizer, whole_weights
 
 SIDES = ("chosen", "rejected")
 
@@ -191,7 +192,6 @@ def length_penalty(prompt, response) -> float:
 def _load(kind: str, model, **kwargs):
     if not isinstance(model, str):
         return model
-    from modpo.models import load_model, whole_weights
 
     with whole_weights():  # scored with plain forward passes, also under ZeRO-3
         return load_model(model, kind=kind, trained_head=kind == "reward", **kwargs)
@@ -202,7 +202,6 @@ class RewardModelMargins(MarginSource):
 
     def __init__(self, model, tokenizer=None, outputs: Sequence[int] | None = None, batch_size: int = 16,
                  max_length: int = 1024, name: str = "reward_model"):
-        from modpo.models import load_tokenizer
 
         self.path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
         self.model = _load("reward", model)
@@ -257,7 +256,6 @@ class ImplicitRewardMargins(MarginSource):
     def __init__(self, model, ref_model=None, tokenizer=None, beta: float = 0.1, batch_size: int = 16,
                  max_length: int = 1024, append_eos: bool = True, name: str = "implicit_reward",
                  prefix_sharing: bool = False):
-        from modpo.models import load_tokenizer
 
         self.path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
         self.model = _load("causal_lm", model)

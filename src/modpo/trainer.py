@@ -19,21 +19,21 @@ import torch
 from transformers import Trainer
 from transformers.training_args import ParallelMode
 
+from modpo.batch import PreferenceCollator, concatenated_inputs, to_device
 from modpo.cache import columns_fingerprint
 from modpo.config import MODPOConfig
-from modpo.data.formats import PreferenceCollator, tokenize_preferences
+from modpo.data.formats import tokenize_preferences
 from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import ConfigError
 from modpo.logps import batched_pair_logps, batched_sequence_logps, chunked_head_agrees, output_head, sequence_logps
 from modpo.loss import modpo_loss
 from modpo.margins import compute_margin_rewards
+from modpo.models import load_model, load_tokenizer, whole_weights
+from modpo.packing import packed_attention, use_padding_free
 from modpo.reference import StartInfo, is_peft_model, prepare_policy, reference_for
 
 logger = logging.getLogger(__name__)
 
-# Batch entries the loss reads; everything else in a batch goes to `sequence_logps` (and through it the model).
-NOT_MODEL_INPUTS = ("ref_chosen_logps", "ref_rejected_logps", "chosen_margins", "rejected_margins", "row_index",
-                    "loss_weight")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -171,8 +171,6 @@ def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, 
     `modpo_varlen` is registered). A model that does not would attend across sequences and return wrong
     log-probs without any error, so the first `pairs` rows are scored both padded and packed first.
     """
-    from modpo.data.formats import concatenated_inputs, to_device
-    from modpo.packing import packed_attention
 
     if tokenized is None or len(tokenized) == 0:
         return
@@ -216,7 +214,6 @@ class MODPOTrainer(Trainer):
     def __init__(self, model, ref_model=None, args: MODPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, margin_rewards=None, peft_config=None, data_names=(None, None), **kwargs):
         """`data_names` (train, eval) name the data in error messages, e.g. the files they were read from."""
-        from modpo.models import load_model, load_tokenizer, whole_weights
 
         args = args or MODPOConfig(output_dir="modpo-output")
         with whole_weights():  # the precompute runs plain forward passes on them, also under ZeRO-3
@@ -244,8 +241,6 @@ class MODPOTrainer(Trainer):
         check_chunked_head(model, train_dataset if train_dataset is not None else eval_dataset,
                            processing_class.pad_token_id, args)
         if args.padding_free or args.prefix_sharing:
-            from modpo.packing import use_padding_free
-
             check_packed_layout(model, train_dataset if train_dataset is not None else eval_dataset,
                                 processing_class.pad_token_id, args)
             use_padding_free(model, prefix_sharing=args.prefix_sharing)
@@ -303,11 +298,11 @@ class MODPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: MODPOConfig = self.args
         pairs = inputs["ref_chosen_logps"].shape[0]
-        model_inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
+        layout = inputs["layout"]  # a `batch.PreferenceBatch`: the layout goes to the model, the rest to the loss
         # accelerate autocasts only inside the model's forward; the chunked LM head runs after it, so autocast it
         # too: the same numerics as the precompute, which runs entirely under autocast.
         with self.accelerator.autocast():
-            logps = sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * pairs, **model_inputs)
+            logps = sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * pairs, **layout)
         losses, chosen_rewards, rejected_rewards = modpo_loss(
             logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             inputs.get("chosen_margins"), inputs.get("rejected_margins"), args.weights,
@@ -316,7 +311,7 @@ class MODPOTrainer(Trainer):
             losses = losses * inputs["loss_weight"]
         loss = losses.mean()
         # Tokens the model ran on: packed sequences 0..2B-1 (not the length filler), else the attention mask.
-        tokens = (inputs["sequence_index"] < 2 * pairs) if "sequence_index" in inputs else inputs["attention_mask"]
+        tokens = (layout["sequence_index"] < 2 * pairs) if "sequence_index" in layout else layout["attention_mask"]
         values = self._metric_values(inputs, logps[:pairs], logps[pairs : 2 * pairs], chosen_rewards, rejected_rewards)
         # One device-to-host transfer per step for the loss check, the token count and every metric.
         numbers = torch.stack([loss.detach().float(), tokens.sum().float(), *values.values()]).tolist()
@@ -348,6 +343,10 @@ class MODPOTrainer(Trainer):
             for k in range(differences.shape[1]):
                 values[f"margins/objective_{k + 1}"] = differences[:, k].mean()
         return {name: value.float() for name, value in values.items()}
+
+    def floating_point_ops(self, inputs) -> int:
+        """transformers' 6 * parameters * tokens estimate, from the tokens of the batch's layout."""
+        return super().floating_point_ops(inputs["layout"])
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -1,23 +1,17 @@
-"""Preference rows -> token ids, and token ids -> batches.
+"""Preference rows: checked, then tokenized by the pair encoder (`modpo.data.encode`) into token-id columns.
 
 A preference row is TRL's format: `prompt`, `chosen`, `rejected`, each either text or chat messages
 (`[{"role": ..., "content": ...}, ...]`; the prompt holds the conversation so far, chosen/rejected the
 assistant turn). Optional columns: `chosen_margins` / `rejected_margins` (K-1 floats each).
 
 `tokenize_preferences` turns rows into `prompt_ids`, `chosen_ids`, `rejected_ids` (response ids only);
-`PreferenceCollator` lays out the chosen then the rejected sequences of a batch, so one forward pass scores
-both: right-padded rows, or one packed row (`padding_free`, `prefix_sharing`: see `modpo.packing`), plus
-`score_positions` / `score_targets` / `score_sequences` saying which hidden state scores which response token.
+`modpo.batch` lays them out as batches.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-import torch
 
 from modpo.data.encode import FitReport, encode, fit
 from modpo.errors import DataError
@@ -176,77 +170,3 @@ def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "datas
                                                   f"max_length={max_length}")
     report.warn(file, max_length, "rows" if "source_row" in dataset.column_names else "indexes")
     return dataset.remove_columns("_keep")
-
-
-def pad(sequences: Sequence[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    if multiple_of:
-        width += (-width) % multiple_of
-    out = torch.full((len(sequences), width), value, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
-
-
-def to_device(batch: dict, device) -> dict:
-    """A collated batch with its tensors on `device` (ints and other values as they are)."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def concatenated_inputs(prompt_ids, chosen_ids, rejected_ids, pad_token_id: int, padding_free: bool = False,
-                        pad_to_multiple_of: int | None = None, prefix_sharing: bool = False) -> dict:
-    """Model inputs scoring all chosen responses (sequences 0..B-1) then all rejected ones (B..2B-1).
-
-    Padded: one right-padded row per sequence. Padding-free: all sequences in one row (`modpo.packing`).
-    Prefix sharing: one row in which each prompt appears once (`modpo.packing.pack_shared_prompt`).
-    `pad_to_multiple_of` rounds the length up, so compiled kernels see few distinct shapes. Every layout
-    also says which hidden state scores which response token (`score_*`, see `modpo.packing.scored_tokens`).
-    """
-    from modpo.packing import pack, pack_shared_prompt, scored_tokens
-
-    if prefix_sharing:
-        return pack_shared_prompt(prompt_ids, chosen_ids, rejected_ids, pad_token_id, pad_to_multiple_of)
-    prompts = list(prompt_ids) * 2
-    responses = list(chosen_ids) + list(rejected_ids)
-    if padding_free:
-        return pack(prompts, responses, pad_token_id, pad_to_multiple_of)
-    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    input_ids = pad(sequences, pad_token_id, pad_to_multiple_of)
-    width = input_ids.shape[1]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": pad([[1] * len(s) for s in sequences], 0, pad_to_multiple_of),
-        **scored_tokens([(b * width + len(p) - 1, b * width + len(p), r)
-                         for b, (p, r) in enumerate(zip(prompts, responses))]),
-    }
-
-
-@dataclass
-class PreferenceCollator:
-    """Collates tokenized preference rows (plus any precomputed reference log-probs and margins)."""
-
-    pad_token_id: int
-    padding_free: bool = False
-    pad_to_multiple_of: int | None = None
-    prefix_sharing: bool = False
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = concatenated_inputs(
-            [f["prompt_ids"] for f in features],
-            [f["chosen_ids"] for f in features],
-            [f["rejected_ids"] for f in features],
-            self.pad_token_id,
-            self.padding_free,
-            self.pad_to_multiple_of,
-            self.prefix_sharing,
-        )
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in features[0]:
-                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
-        for key in ("chosen_margins", "rejected_margins"):
-            if key in features[0]:
-                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32).reshape(len(features), -1)
-        if "loss_weight" in features[0]:
-            batch["loss_weight"] = torch.tensor([f["loss_weight"] for f in features], dtype=torch.float32)
-        batch["row_index"] = torch.tensor([f.get("row_index", -1) for f in features], dtype=torch.long)
-        return batch
