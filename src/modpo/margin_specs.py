@@ -4,13 +4,18 @@
       - {type: implicit_reward, model: runs/dpo_safer, beta: 0.1}      # beta' * log(pi_dpo / pi_ref)
       - {type: reward_model, model: runs/rm_helpful, outputs: [0]}       # a sequence-classification model
       - {type: columns, chosen: [c_len], rejected: [r_len]}             # numbers already in the data
-      - {type: length_penalty}                                          # minus the response's word count
+      - {type: length_penalty, per: 100}                                # minus words per 100 (default per: 1)
+
+Every source takes `scale`: none (default), a number, or standardize (`modpo.margin_scale`).
 """
 
 from __future__ import annotations
 
+import math
+
 from modpo.errors import ConfigError
-from modpo.margins import CallableMargins, ColumnMargins, ImplicitRewardMargins, RewardModelMargins, length_penalty
+from modpo.margins import (CallableMargins, ColumnMargins, ImplicitRewardMargins, RewardModelMargins, length_penalty,
+                           length_penalty_per)
 
 
 def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing: bool = False, append_eos: bool = True):
@@ -21,6 +26,7 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing
     for i, spec in enumerate(specs):
         spec = dict(spec)
         kind = spec.pop("type", None)
+        scale = spec.pop("scale", "none")
         where = f"margins[{i}]"
         try:
             if kind == "implicit_reward":
@@ -35,11 +41,16 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing
                                                   max_length=max_length, **spec))
             elif kind == "columns":
                 sources.append(ColumnMargins(spec.pop("chosen"), spec.pop("rejected"), **spec))
-            elif kind == "length_penalty":
-                sources.append(CallableMargins(length_penalty, name=spec.pop("name", "length_penalty"),
+            elif kind == "length_penalty":  # minus the word count, or minus words per `per` words
+                per = float(spec.pop("per", 1))
+                if not (math.isfinite(per) and per > 0):
+                    raise ValueError(f"per = {per}: expected a number > 0 (e.g. 100: minus words per 100 words)")
+                function = length_penalty if per == 1 else length_penalty_per(per)
+                sources.append(CallableMargins(function, name=spec.pop("name", "length_penalty"),
                                                version=spec.pop("version", None)))
             else:
                 raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, length_penalty)")
+            sources[-1].scaled(scale)
         except KeyError as err:
             raise ConfigError(f"{where}: missing key {err}") from None
         except (TypeError, ValueError) as err:

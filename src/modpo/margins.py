@@ -27,6 +27,7 @@ from modpo.data.encode import ENCODER_VERSION, encode, fit, scoring_ids, sequenc
 from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import DataError
 from modpo.logps import batched_pair_logps, batched_sequence_logps
+from modpo.margin_scale import check_scale
 from modpo.models import load_model, load_tokenizer, whole_weights
 
 SIDES = ("chosen", "rejected")
@@ -37,6 +38,16 @@ class MarginSource:
 
     name: str = "margin"
     num_objectives: int = 1
+    scale: str | float = "none"  # how training scales the margins (`modpo.margin_scale`); evaluation stays raw
+
+    def scaled(self, scale) -> MarginSource:
+        """This source with training margins scaled: 'none', a number c (m -> c m) or 'standardize' (m divided
+        by the std of m(y_w) - m(y_l) over the training pairs). Returns self."""
+        self.scale = check_scale(scale)
+        return self
+
+    def objective_names(self) -> list[str]:
+        return [self.name] if self.num_objectives == 1 else [f"{self.name}_{k}" for k in range(self.num_objectives)]
 
     def identity(self) -> dict:
         """Everything that determines the scores, for the cache key."""
@@ -184,9 +195,19 @@ class CallableMargins(MarginSource):
 
 
 def length_penalty(prompt, response) -> float:
-    """Rule-based margin: minus the number of words in the response (rewards brevity)."""
+    """Rule-based margin: minus the number of words in the response (rewards brevity). Its unit is one word, so
+    its differences between two responses are often tens: see `modpo.margin_scale` before giving it a weight."""
     text = response if isinstance(response, str) else " ".join(m["content"] for m in response)
     return -float(len(text.split()))
+
+
+def length_penalty_per(per: float) -> Callable:
+    """Minus the number of words per `per` words (e.g. 100): `length_penalty` / `per`."""
+
+    def penalty(prompt, response) -> float:
+        return length_penalty(prompt, response) / per
+
+    return penalty
 
 
 def _load(kind: str, model, **kwargs):

@@ -24,6 +24,7 @@ from modpo.config import MODPOConfig
 from modpo.data.formats import check_sft_rows
 from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
 from modpo.errors import ConfigError
+from modpo.margin_scale import card_lines as margin_card_lines
 from modpo.margin_specs import margin_sources
 from modpo.models import load_model, load_tokenizer, resolve, whole_weights
 from modpo.run_config import StageConfig
@@ -250,6 +251,8 @@ def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict
         card.append(f"- margin sources: {json.dumps(cfg.margins)}")
     elif extra.get("margin_sources"):
         card.append(f"- margin sources: {', '.join(extra['margin_sources'])}")
+    if extra.get("margin_scales"):
+        card.extend(margin_card_lines(extra["margin_scales"]))
     if cfg.lora:
         card.append(f"- LoRA: {json.dumps(cfg.lora)}")
     if merged:
@@ -363,7 +366,8 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
                    "token_counts": trainer.token_counts,
                    "margin_sources": [s.describe() for s in sources] or (
-                       ["data columns chosen_margins/rejected_margins"] if len(args.weights) > 1 else [])})
+                       ["data columns chosen_margins/rejected_margins"] if len(args.weights) > 1 else []),
+                   "margin_scales": trainer.margin_scales.record() if trainer.margin_scales is not None else None})
 
 
 STAGES = {"sft": run_sft, "reward": run_reward,

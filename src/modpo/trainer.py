@@ -27,6 +27,7 @@ from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import ConfigError
 from modpo.logps import batched_pair_logps, batched_sequence_logps, chunked_head_agrees, output_head, sequence_logps
 from modpo.loss import modpo_loss
+from modpo.margin_scale import measure, weight_warnings
 from modpo.margins import compute_margin_rewards
 from modpo.models import load_model, load_tokenizer, whole_weights
 from modpo.packing import packed_attention, use_padding_free
@@ -81,11 +82,13 @@ def precompute_autocast_dtype(args) -> torch.dtype | None:
 
 
 def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, margin_sources, name: str,
-                       start: StartInfo | None = None):
-    """Tokenize `dataset` and add `ref_chosen_logps`, `ref_rejected_logps` and the margin columns.
+                       start: StartInfo | None = None, margin_factors: list[float] | None = None):
+    """Tokenize `dataset` and add `ref_chosen_logps`, `ref_rejected_logps` and the margin columns; returns the
+    dataset and what was measured of its margins (`margin_scale.MarginScales`, None without margin objectives).
 
     The reference is `ref_model`, else `model` as it starts training (`reference.reference_for`; `start` says how
-    `reference.prepare_policy` set it up)."""
+    `reference.prepare_policy` set it up). Margins are scaled as their sources ask (`margin_scale`), with
+    `margin_factors` when given (the training data's, for evaluation data)."""
     num_margins = len(args.weights) - 1
     has_columns = "chosen_margins" in dataset.column_names
     if margin_sources and has_columns:
@@ -98,13 +101,23 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
     tokenized = tokenize_preferences(dataset, tokenizer, args.max_length, file=name,
                                      num_margins=num_margins if has_columns else None, append_eos=args.append_eos,
                                      long_prompts=args.long_prompts, max_prompt_length=args.max_prompt_length)
+    scales = None
     if margin_sources:  # on the rows training keeps (a dropped long prompt leaves its row out everywhere)
         chosen, rejected = compute_margin_rewards(margin_sources, tokenized, args.cache_dir, data_name=name,
                                                   device=args.device)
         if chosen.shape[1] != num_margins:
             raise ConfigError(f"margin sources give {chosen.shape[1]} objectives but weights {args.weights} "
                               f"expect {num_margins}")
+        names = [n for source in margin_sources for n in source.objective_names()]
+        asked = [source.scale for source in margin_sources for _ in range(source.num_objectives)]
+        try:
+            chosen, rejected, scales = measure(chosen, rejected, names, asked, margin_factors)
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}") from None
         tokenized = tokenized.add_column("chosen_margins", chosen.tolist()).add_column("rejected_margins", rejected.tolist())
+    elif num_margins:  # margins given as data columns: measured, used as they are
+        _, _, scales = measure(torch.tensor(tokenized["chosen_margins"]), torch.tensor(tokenized["rejected_margins"]),
+                               [f"column {k + 1}" for k in range(num_margins)], ["none"] * num_margins)
 
     ref = reference_for(model, ref_model, start)
     reference = ref.module
@@ -139,7 +152,7 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
 
     logps = sharded_cached_tensors("reference_logps", key, compute, len(tokenized), args.cache_dir)
     return (tokenized.add_column("ref_chosen_logps", logps["chosen"].tolist())
-            .add_column("ref_rejected_logps", logps["rejected"].tolist()))
+            .add_column("ref_rejected_logps", logps["rejected"].tolist())), scales
 
 
 @torch.no_grad()
@@ -231,13 +244,15 @@ class MODPOTrainer(Trainer):
         disable_dropout(model)
         self.margin_sources = list(margin_rewards or [])
         # Every process precomputes its shard of the rows at once (`distributed_precompute`): no main-process-first.
-        prepare = lambda data, name: precompute_columns(data, model, ref_model, processing_class, args,
-                                                         self.margin_sources, name, start=self.start)
+        prepare = lambda data, name, factors=None: precompute_columns(
+            data, model, ref_model, processing_class, args, self.margin_sources, name, self.start, factors)
         train_name, eval_name = data_names
+        self.margin_scales = None  # what the precompute measured of the training margins (`margin_scale`)
         if train_dataset is not None:
-            train_dataset = prepare(train_dataset, train_name or "train_dataset")
-        if eval_dataset is not None:
-            eval_dataset = prepare(eval_dataset, eval_name or "eval_dataset")
+            train_dataset, self.margin_scales = prepare(train_dataset, train_name or "train_dataset")
+        if eval_dataset is not None:  # scaled as the training margins are
+            factors = self.margin_scales.factors if self.margin_scales is not None else None
+            eval_dataset, _ = prepare(eval_dataset, eval_name or "eval_dataset", factors)
         check_chunked_head(model, train_dataset if train_dataset is not None else eval_dataset,
                            processing_class.pad_token_id, args)
         if args.padding_free or args.prefix_sharing:
@@ -255,6 +270,9 @@ class MODPOTrainer(Trainer):
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
         self._check_chunked_logps()
+        if self.margin_scales is not None and self.is_world_process_zero():  # before training starts, once
+            for line in weight_warnings(args.weights, self.margin_scales):
+                logger.warning(line)
         self._check_merged_start()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Compute accounting: non-pad tokens through forward (and backward) passes of the policy.
