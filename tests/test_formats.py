@@ -9,9 +9,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from modpo.data.encode import encode
 from modpo.batch import PreferenceCollator
-from modpo.data.formats import check_preference_row, tokenize_preferences
+from modpo.data.encode import encode, sequence_ids
+from modpo.data.formats import check_preference_row, tokenize_preferences, tokenize_reward_pairs
 from modpo.errors import DataError
 
 import tiny
@@ -283,3 +283,23 @@ def test_tokenize_names_the_failing_row():
     with pytest.raises(DataError) as error:
         tokenize_preferences(Dataset.from_list(rows), tiny.tokenizer(), max_length=64, file="m.jsonl", num_margins=1)
     assert str(error.value).startswith("m.jsonl, row 3, field 'rejected_margins'")
+
+
+def test_reward_pairs_keep_every_row_with_the_ids_the_reward_model_is_scored_on(caplog):
+    """TRL's RewardTrainer would drop pairs over max_length; the reward stage keeps them, each sequence's end kept
+    as reward-model margins score it, and says so in one warning line."""
+    rows = tiny.rows(6, seed=3)
+    rows[1]["prompt"] = rows[4]["prompt"] = " ".join(["p0", "p1", "p2", "p3"] * 3)
+    tok, max_length = tiny.tokenizer(), 8
+    long = [i for i, r in enumerate(rows)
+            if max(len(tok(r["prompt"])["input_ids"]) + len(tok(r[s], add_special_tokens=False)["input_ids"]) + 1
+                   for s in ("chosen", "rejected")) > max_length]
+    with caplog.at_level(logging.WARNING):
+        out = tokenize_reward_pairs(Dataset.from_list(rows), tok, max_length, "pairs")
+    assert len(out) == len(rows)
+    for row, example in zip(rows, out):
+        for side in ("chosen", "rejected"):
+            assert example[f"{side}_ids"] == sequence_ids(row["prompt"], row[side], tok, max_length)
+    assert {1, 4} <= set(long)
+    assert caplog.messages == [f"pairs: {len(long)} of 6 rows were longer than max_length=8 and keep their end, as "
+                               f"the reward model is scored (indexes {', '.join(map(str, long))})"]

@@ -3,6 +3,7 @@ data_dir variable, --overwrite/--resume reach the stages, and progress is shown 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,18 +14,22 @@ import pytest
 import modpo.front.sweep
 import modpo.models
 import modpo.stages
-from modpo.errors import ConfigError
+from modpo.errors import ConfigError, ModpoError
 from modpo.recipes import SHIPPED, load_recipe, run_recipe
 from modpo.run_config import FrontConfig, StageConfig
-from tiny import run_cli as cli, write_yaml
+from tiny import rows, run_cli as cli, tokenizer, write_jsonl, write_yaml
 
 ENTRY_POINT = Path(sys.executable).with_name("modpo")
 
 
-def stage_config(tmp_path: Path, name: str) -> dict:
-    (tmp_path / "pairs.jsonl").touch()
-    return {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / name),
-            "train_data": str(tmp_path / "pairs.jsonl")}
+def stage_config(tmp_path: Path, name: str, data: str = "pairs.jsonl", model: str = "base") -> dict:
+    """A stage on a few short preference rows and a model folder holding the tiny word tokenizer."""
+    if not (tmp_path / data).exists():
+        write_jsonl(tmp_path / data, rows(4))
+    if not (tmp_path / model).exists():
+        tokenizer().save_pretrained(str(tmp_path / model))
+    return {"model": str(tmp_path / model), "output_dir": str(tmp_path / name),
+            "train_data": str(tmp_path / data)}
 
 
 def recipe(tmp_path: Path, stages: list) -> str:
@@ -172,3 +177,93 @@ def test_progress_is_shown_by_default(tmp_path):
     assert "INFO modpo.recipes: recipe r.yaml: stage 0 (materialize)" in lines
     assert any(line.startswith("INFO modpo.recipes: recipe r.yaml: stage 0 (materialize) done in") for line in lines)
     assert not any(line.startswith("WARNING") for line in lines)
+
+
+# ------------------------------------------------------------------- data encoded before the first stage
+
+LONG_PROMPT = " ".join(["p0", "p1", "p2", "p3"] * 5)  # over max_length 12 (the short rows' prompts are 1-3 words)
+
+
+def long_prompt_data(tmp_path: Path) -> str:
+    """Preference rows whose 3rd file row has a prompt too long for max_length 12."""
+    data = rows(4, seed=1)
+    data[2]["prompt"] = LONG_PROMPT
+    return write_jsonl(tmp_path / "long.jsonl", data)
+
+
+def long_prompt_recipe(tmp_path: Path, **training) -> str:
+    """Stage 0 materializes a tiny tokenizer's folder; stage 1 trains on it, on data with one long prompt."""
+    source = tmp_path / "source"
+    tokenizer().save_pretrained(str(source))  # what materialize will copy into ${root}/made: not there yet
+    long_prompt_data(tmp_path)
+    config = {**stage_config(tmp_path, "dpo", data="long.jsonl"), "model": "${root}/made",
+              "training": {"max_length": 12, **training}}
+    return recipe(tmp_path, [{"command": "materialize", "model": str(source), "output_dir": "${root}/made"},
+                             {"command": "dpo", "config": config}])
+
+
+def test_a_stage_that_would_refuse_a_long_prompt_is_refused_before_the_first_stage_runs(capsys, tmp_path, calls):
+    path = long_prompt_recipe(tmp_path, long_prompts="refuse")
+    tokens = len(tokenizer()(LONG_PROMPT)["input_ids"])  # as the materialized model's tokenizer counts them
+    code, out, err = cli(capsys, "recipe", path)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"modpo: error: {path}: stages[1] (dpo): {tmp_path / 'long.jsonl'}, row 3, field 'prompt': "
+                          f"{tokens} tokens, over the limit of 11 (max_length=12)"), err
+    assert calls == []  # not even the materialize stage ran
+    assert not (tmp_path / "made").exists()
+
+
+def test_by_default_long_prompts_pass_with_their_warning_logged_before_anything_runs(caplog, tmp_path, calls):
+    path = long_prompt_recipe(tmp_path)
+    order = []
+    calls_before = calls.copy()
+
+    class Order(logging.Handler):
+        def emit(self, record):
+            order.append((record.levelname, record.getMessage(), len(calls)))
+
+    handler = Order()
+    logging.getLogger("modpo").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="modpo"):
+            run_recipe(path)
+    finally:
+        logging.getLogger("modpo").removeHandler(handler)
+    assert calls_before == [] and [c[0] for c in calls] == ["materialize", "dpo"]
+    warnings = [(message, ran) for level, message, ran in order if level == "WARNING"]
+    assert warnings == [(f"{path}: stages[1] (dpo): {tmp_path / 'long.jsonl'}: 1 of 4 prompts were too long for "
+                         "max_length=12 and were cut from the left, keeping their end (rows 3)", 0)]
+
+
+def test_dropping_long_prompts_warns_and_a_stage_that_would_drop_every_row_is_refused(caplog, tmp_path, calls):
+    path = long_prompt_recipe(tmp_path, long_prompts="drop")
+    with caplog.at_level(logging.WARNING, logger="modpo"):
+        run_recipe(path)
+    assert "stages[1] (dpo): " in caplog.text and "1 of 4 rows were dropped" in caplog.text
+    calls.clear()
+    write_jsonl(tmp_path / "long.jsonl", [{**row, "prompt": LONG_PROMPT} for row in rows(4, seed=1)])
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(dpo\): \S+long.jsonl: every row would be dropped"):
+        run_recipe(path)
+    assert calls == []
+
+
+def test_front_and_reward_stages_are_encoded_too(caplog, tmp_path, calls):
+    long_prompt_data(tmp_path)
+    train = {**stage_config(tmp_path, "unused", data="long.jsonl"), "training": {"max_length": 12}}
+    del train["output_dir"]
+    front = {"output_dir": "${root}/front", "weights": [[0.5, 0.5]], "train": train}
+    reward = {**stage_config(tmp_path, "rm", data="long.jsonl"), "training": {"max_length": 12}}
+    path = recipe(tmp_path, [{"command": "reward", "config": reward}, {"command": "front", "config": front}])
+    with caplog.at_level(logging.WARNING, logger="modpo"):
+        run_recipe(path)
+    assert f"stages[0] (reward): {tmp_path / 'long.jsonl'}: 1 of 4 rows were longer than max_length=12" in caplog.text
+    assert f"stages[1] (front): {tmp_path / 'long.jsonl'}: 1 of 4 prompts were too long" in caplog.text
+    calls.clear()
+    bad = rows(4)
+    bad[1]["rejected"] = bad[1]["chosen"]  # no preference: a row no stage trains on
+    write_jsonl(tmp_path / "long.jsonl", bad)
+    with pytest.raises(ModpoError) as err:
+        run_recipe(path)
+    assert str(err.value) == (f"{path}: stages[0] (reward): {tmp_path / 'long.jsonl'}, row 2, field 'chosen': "
+                              "identical to 'rejected': the pair carries no preference")
+    assert calls == []

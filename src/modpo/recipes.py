@@ -13,12 +13,20 @@ config, its data files) before the first one runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
 from pathlib import Path
 
-from modpo.errors import ConfigError
+from trl import RewardConfig
+
+from modpo import models, stages as stage_runners
+from modpo.config import MODPOConfig
+from modpo.data.encode import FitReport
+from modpo.data.formats import check_preference_row, tokenize_reward_pairs, tokenize_row
+from modpo.errors import ConfigError, DataError
+from modpo.front import sweep
 from modpo.run_config import FrontConfig, StageConfig, from_dict, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -100,9 +108,67 @@ def check_data_files(raw, variables: dict, where: str, recipe: str) -> None:
             raise ConfigError(f"{where}: data file {path} does not exist{hint}")
 
 
-def load_recipe(name: str, overrides: dict | None = None, only: list[str] | None = None) -> tuple[Path, list]:
+def _setting(config_cls, training: dict, key: str):
+    """A trainer setting of a stage: its `training` value (as the stage reads it), else the config's default."""
+    if key in training:
+        return stage_runners._as_field_type(config_cls, key, training[key])
+    return next(f.default for f in dataclasses.fields(config_cls) if f.name == key)
+
+
+def check_preference_data(checked: list, where: list[str], only: list[str] | None = None) -> None:
+    """Encode the training data of every preference stage that will run (dpo, train, reward, front's train) with
+    the tokenizer its model will have and the stage's max_length / long_prompts / max_prompt_length / append_eos,
+    before anything trains: no model weights are loaded.
+
+    A stage that would refuse a row (`long_prompts: refuse`, or a row that does not encode) is refused here in one
+    line naming the stage, the file and the row; a stage that will cut or drop long prompts logs its warning line
+    now. A model folder an earlier materialize stage writes is not there yet: its tokenizer is read from that
+    stage's source (e.g. pkg:smollm2).
+    """
+    sources = {str(Path(s["output_dir"])): s["model"] for command, s in checked if command == "materialize"}
+    tokenizers = {}
+    for (command, stage), name in zip(checked, where):
+        if command not in ("dpo", "train", "reward", "front") or (only and command not in only):
+            continue
+        if command == "front":
+            if not isinstance(stage.train, dict) or stage.train.get("train_data") is None:
+                continue  # the front stage refuses it itself
+            cfg = from_dict(StageConfig, {"output_dir": stage.output_dir, **stage.train}, f"{name}: train")
+        else:
+            cfg = stage
+        path = cfg.tokenizer or cfg.model
+        if not Path(path).exists() and str(Path(path)) in sources:
+            path = sources[str(Path(path))]
+        if path not in tokenizers:
+            tokenizers[path] = models.load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = tokenizers[path]
+        try:
+            data, file = stage_runners.load_data(cfg.train_data, "train_data")
+        except DataError as err:  # the loader's own checks of the rows
+            raise ConfigError(f"{name} ({command}): {err}") from None
+        label = f"{name} ({command}): {file}"
+        if command == "reward":  # DataError names the stage (label), file and row in one line
+            tokenize_reward_pairs(data, tokenizer, _setting(RewardConfig, cfg.training, "max_length"), label)
+            continue
+        max_length, append_eos, long_prompts, max_prompt_length = (
+            _setting(MODPOConfig, cfg.training, key)
+            for key in ("max_length", "append_eos", "long_prompts", "max_prompt_length"))
+        report = FitReport()
+        for index, example in enumerate(data):
+            row = example.get("source_row")
+            check_preference_row(example, row, label, index=None if row else index)
+            tokenize_row(example, tokenizer, max_length, row, label, report, append_eos, long_prompts,
+                         max_prompt_length, index=None if row else index)
+        if report.rows and len(report.dropped) == report.rows:
+            raise ConfigError(f"{label}: every row would be dropped: each prompt is too long for max_length={max_length}")
+        report.warn(label, max_length, "rows" if "source_row" in data.column_names else "indexes")
+
+
+def load_recipe(name: str, overrides: dict | None = None, only: list[str] | None = None,
+                check_data: bool = False) -> tuple[Path, list]:
     """The recipe's path and its stages as (command, materialize settings or config), all checked; the data
-    files of the stages that will run (those in `only`, or all) must exist."""
+    files of the stages that will run (those in `only`, or all) must exist, and with `check_data` their
+    preference data must encode (`check_preference_data`)."""
     path = find_recipe(name)
     recipe = read_yaml(path)
     if not isinstance(recipe, dict):
@@ -118,9 +184,10 @@ def load_recipe(name: str, overrides: dict | None = None, only: list[str] | None
     if unknown:
         raise ConfigError(f"{path}: unknown variable(s) {', '.join(unknown)} (known: {', '.join(known)})")
     variables = {**variables, **(overrides or {})}
-    checked = []
+    checked, places = [], []
     for i, raw in enumerate(stages):
         where = f"{path}: stages[{i}]"
+        places.append(where)
         command = check_stage(raw, where)
         if not only or command in only:
             check_data_files(raw, variables, where, name)
@@ -130,6 +197,8 @@ def load_recipe(name: str, overrides: dict | None = None, only: list[str] | None
         elif command != "materialize":
             stage = from_dict(StageConfig, stage["config"], where)
         checked.append((command, stage))
+    if check_data:
+        check_preference_data(checked, places, only)
     return path, checked
 
 
@@ -140,14 +209,10 @@ def run_recipe(name: str, overrides: dict | None = None, only: list[str] | None 
     `overwrite` and `resume` go to every training stage as on its own command line; `resume` continues a
     stage whose output_dir holds checkpoints and starts the others afresh.
     """
-    from modpo.front.sweep import run_front
-    from modpo.models import materialize
-    from modpo.stages import STAGES
-
     unknown = sorted(set(only or ()) - set(COMMANDS))
     if unknown:
         raise ConfigError(f"--only: unknown command(s) {', '.join(unknown)} ({', '.join(COMMANDS)})")
-    path, stages = load_recipe(name, overrides, only)
+    path, stages = load_recipe(name, overrides, only, check_data=True)
     outputs = []
     for i, (command, stage) in enumerate(stages):
         if only and command not in only:
@@ -155,12 +220,12 @@ def run_recipe(name: str, overrides: dict | None = None, only: list[str] | None 
         started = time.time()
         logger.info("recipe %s: stage %d (%s)", path.name, i, command)
         if command == "materialize":
-            outputs.append(materialize(stage["model"], stage["output_dir"], stage.get("dtype", "fp32")))
+            outputs.append(models.materialize(stage["model"], stage["output_dir"], stage.get("dtype", "fp32")))
         elif command == "front":
-            run_front(stage, overwrite=overwrite)
+            sweep.run_front(stage, overwrite=overwrite)
             outputs.append(stage.output_dir)
         else:
             checkpoints = resume and any(Path(stage.output_dir).glob("checkpoint-*"))
-            outputs.append(str(STAGES[command](stage, resume=checkpoints, overwrite=overwrite)))
+            outputs.append(str(stage_runners.STAGES[command](stage, resume=checkpoints, overwrite=overwrite)))
         logger.info("recipe %s: stage %d (%s) done in %.0f s", path.name, i, command, time.time() - started)
     return outputs

@@ -21,7 +21,7 @@ import torch
 
 from modpo.cache import stable_hash, write_atomic
 from modpo.config import MODPOConfig
-from modpo.data.formats import check_sft_rows
+from modpo.data.formats import check_sft_rows, tokenize_reward_pairs
 from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
 from modpo.errors import ConfigError
 from modpo.margin_scale import card_lines as margin_card_lines
@@ -331,8 +331,11 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     started = time.time()
     args = trainer_args(RewardConfig, cfg)
     model, tokenizer = _load(cfg, kind="reward", num_labels=cfg.num_labels)
-    train, _ = load_data(cfg.train_data, "train_data")
-    evaluation, _ = load_data(cfg.eval_data, "eval_data")
+    train, train_name = load_data(cfg.train_data, "train_data")
+    evaluation, eval_name = load_data(cfg.eval_data, "eval_data")
+    train = tokenize_reward_pairs(train, tokenizer, args.max_length, train_name)
+    if evaluation is not None:
+        evaluation = tokenize_reward_pairs(evaluation, tokenizer, args.max_length, eval_name)
     with lora_errors(cfg):
         trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                 processing_class=tokenizer, peft_config=_lora(cfg, "SEQ_CLS"))

@@ -170,3 +170,40 @@ def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "datas
                                                   f"max_length={max_length}")
     report.warn(file, max_length, "rows" if "source_row" in dataset.column_names else "indexes")
     return dataset.remove_columns("_keep")
+
+
+def tokenize_reward_pairs(dataset, tokenizer, max_length: int | None, file: str = "dataset"):
+    """Check every row and add `chosen_ids` / `rejected_ids`: the ids a reward model is trained on and later scores
+    (`modpo.data.encode.sequence_ids`: prompt + response, the last `max_length` kept), as TRL's RewardTrainer takes
+    pre-tokenized pairs. No row is left out (TRL would silently drop pairs longer than `max_length`); one warning
+    line says how many rows lost the start of a sequence, and which."""
+    if len(dataset) == 0:
+        raise DataError(file, None, None, "no rows")
+    cut = []
+
+    def convert(example, index):
+        row = example.get("source_row")
+        where = {"row": row, "index": None if row else index}
+        check_preference_row(example, row, file, index=where["index"])
+        out, long = {}, False
+        for side in ("chosen", "rejected"):
+            try:
+                prompt_ids, (response_ids,) = encode(example["prompt"], [example[side]], tokenizer, append_eos=True)
+            except ValueError as err:
+                raise DataError(file, row, side, str(err), index=where["index"]) from None
+            if not response_ids:
+                raise DataError(file, row, side, "tokenizes to no tokens (nothing to score)", index=where["index"])
+            ids = prompt_ids + response_ids
+            long |= max_length is not None and len(ids) > max_length
+            out[f"{side}_ids"] = ids[-max_length:] if max_length else ids  # = encode.sequence_ids
+        if long:
+            cut.append(row or index)
+        return out
+
+    dataset = dataset.map(convert, with_indices=True, desc="tokenizing", load_from_cache_file=False)
+    if cut:
+        shown = ", ".join(map(str, cut[:5])) + (f", ... ({len(cut) - 5} more)" if len(cut) > 5 else "")
+        logger.warning("%s: %d of %d rows were longer than max_length=%d and keep their end, as the reward model is "
+                       "scored (%s %s)", file, len(cut), len(dataset), max_length,
+                       "rows" if "source_row" in dataset.column_names else "indexes", shown)
+    return dataset
