@@ -146,7 +146,8 @@ class FitReport:
             self.prompts_cut.append(row)
 
     def warn(self, name: str, max_length: int, row_word: str = "rows") -> None:
-        def some(rows):
+        def some(rows):  # each source row once (a loader may make several pairs of one row)
+            rows = list(dict.fromkeys(rows))
             shown = ", ".join(map(str, rows[:5]))
             return shown + (f", ... ({len(rows) - 5} more)" if len(rows) > 5 else "")
 
