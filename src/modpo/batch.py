@@ -14,6 +14,7 @@ from typing import TypedDict
 
 import torch
 
+from modpo.conditioning import Conditioner
 from modpo.packing import pack, pack_shared_prompt, scored_tokens
 
 
@@ -68,21 +69,30 @@ class PreferenceBatch(TypedDict, total=False):
     chosen_margins: torch.Tensor        # (B, K-1), when there are margin objectives
     rejected_margins: torch.Tensor      # (B, K-1)
     loss_weight: torch.Tensor           # (B,), per-row loss weights (the DPO-LW baseline)
+    weights: torch.Tensor               # (B, K), each pair's weight vector (weight-conditioned MODPO)
     row_index: torch.Tensor             # (B,), each pair's row in the training data
 
 
 @dataclass
 class PreferenceCollator:
-    """Collates tokenized preference rows (plus any precomputed reference log-probs and margins)."""
+    """Collates tokenized preference rows (plus any precomputed reference log-probs and margins).
+
+    With a `conditioner` (weight-conditioned MODPO, `modpo.conditioning`), each row gets its weight vector and the
+    policy sees it as a prefix of the prompt; the reference log-probs were computed without it."""
 
     pad_token_id: int
     padding_free: bool = False
     pad_to_multiple_of: int | None = None
     prefix_sharing: bool = False
+    conditioner: Conditioner | None = None
 
     def __call__(self, features: list[dict]) -> PreferenceBatch:
+        prompts = [f["prompt_ids"] for f in features]
+        if self.conditioner is not None:
+            weights, prefixes = self.conditioner([f["row_index"] for f in features])
+            prompts = [prefix + list(prompt) for prefix, prompt in zip(prefixes, prompts)]
         layout = concatenated_inputs(
-            [f["prompt_ids"] for f in features],
+            prompts,
             [f["chosen_ids"] for f in features],
             [f["rejected_ids"] for f in features],
             self.pad_token_id,
@@ -99,5 +109,7 @@ class PreferenceCollator:
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32).reshape(len(features), -1)
         if "loss_weight" in features[0]:
             batch["loss_weight"] = torch.tensor([f["loss_weight"] for f in features], dtype=torch.float32)
+        if self.conditioner is not None:
+            batch["weights"] = torch.tensor(weights, dtype=torch.float32)
         batch["row_index"] = torch.tensor([f.get("row_index", -1) for f in features], dtype=torch.long)
         return batch

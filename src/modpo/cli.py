@@ -13,6 +13,7 @@ from modpo.demo.pipeline import run_demo
 from modpo.errors import ModpoError
 from modpo.experiments.compare import run_compare
 from modpo.front.generate import SamplingSettings
+from modpo.front.steer import steer
 from modpo.front.sweep import EVALUATION_KEYS, run_front
 from modpo.recipes import run_recipe, shipped_recipes
 from modpo.run_config import EVALUATION_HELP, FrontConfig, StageConfig, describe, load_config
@@ -78,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training (default: 0)")
     demo.add_argument("--beta", type=float, default=0.1, help="KL strength of DPO and MODPO (default: 0.1)")
     demo.add_argument("--overwrite", action="store_true", help="replace runs in output-dir that used other settings")
+    generate = sub.add_parser("generate", help="sample from a weight-conditioned model at the weights you choose",
+                              description="Steer one model trained with training.weight_sampling: the weights are "
+                                          "rendered as in training and put before the prompt.")
+    generate.add_argument("--model", required=True, help="the conditioned model's folder (output of modpo train)")
+    generate.add_argument("--weights", required=True, help="comma-separated weights on the simplex, e.g. 0.3,0.7")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--chat", action="store_true", help="send the prompt as one user turn through the chat "
+                                                               "template (default: text)")
+    generate.add_argument("prompt", help="the prompt")
     compare = sub.add_parser("compare", help="MODPO against DPO soups, DPO LW, Best-of-N and MORLHF on the demo task",
                              description="Run the demo pipeline and every baseline at the same weights, score all with "
                                          "the same exact evaluator, record compute, and write comparison.md/.json/"
@@ -150,6 +163,17 @@ def _run(args) -> int:
         document = run_compare(args.output_dir, seed=args.seed, methods=methods)
         _print_report(Path(args.output_dir) / "report", "comparison",
                       f"Comparison finished in {document['compare_wall_seconds']:.0f} s.")
+        return 0
+    if args.command == "generate":
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise ModpoError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
+        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, seed=args.seed, batch_size=1)
+        (sample,) = steer(args.model, [prompt], weights, settings)
+        print(sample["response"])
         return 0
     if args.command == "front":
         cfg = load_config(FrontConfig, args.config, args.overrides)

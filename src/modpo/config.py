@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from modpo.conditioning import WeightSampler
 from modpo.data.encode import LONG_PROMPTS
 from modpo.loss import LOSS_TYPES, validate_weights
 
@@ -49,6 +50,17 @@ class MODPOConfig(TrainingArguments):
     precompute_batch_size: int = field(default=16, metadata={"help": "Batch size of the reference/margin precompute."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where precomputed reference log-probs and margins are "
                                                                  "cached (default: $MODPO_CACHE or ~/.cache/modpo)."})
+    weight_sampling: str | None = field(default=None, metadata={"help": "Weight-conditioned MODPO: one policy for "
+                                                                       "every w, shown w in its prompt. 'dirichlet' "
+                                                                       "draws each row's w per epoch; 'cycle' cycles "
+                                                                       "weight_list. `weights` then only fixes K."})
+    weight_concentration: float | list[float] = field(default=1.0, metadata={"help": "Dirichlet concentration of "
+                                                                                  "weight_sampling: one number > 0 or "
+                                                                                  "one per objective."})
+    weight_list: list[list[float]] | None = field(default=None, metadata={"help": "The weight vectors "
+                                                                               "weight_sampling 'cycle' goes through."})
+    min_first_weight: float = field(default=0.05, metadata={"help": "Smallest w_0 a sampled weight vector gets "
+                                                                    "(1/w_0 scales the MODPO logit)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the token columns."})
 
     def __post_init__(self):
@@ -68,6 +80,9 @@ class MODPOConfig(TrainingArguments):
                              f"not {self.loss_type!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length = {self.max_length} must be at least 2")
+        if self.weight_sampling is not None:  # checked here, built by the trainer
+            WeightSampler(len(self.weights), self.weight_sampling, self.weight_concentration, self.weight_list or [],
+                          self.min_first_weight, self.seed)
         if self.long_prompts not in LONG_PROMPTS:
             raise ValueError(f"long_prompts = {self.long_prompts!r}; expected one of {LONG_PROMPTS}")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:

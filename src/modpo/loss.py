@@ -67,6 +67,7 @@ def modpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MODPO loss per pair.
 
@@ -74,7 +75,9 @@ def modpo_loss(
         policy_*_logps, ref_*_logps: summed response log-probs, shape (B,).
         chosen_margins, rejected_margins: margin rewards r_1..r_{K-1} of each response, shape (B, K-1);
             None (or K-1 = 0) for plain DPO.
-        weights: length K; weights[0] belongs to the objective of the preference pairs.
+        weights: length K, weights[0] belonging to the objective of the preference pairs; or a (B, K) tensor, one
+            weight vector per pair (weight-conditioned MODPO), each checked by the same rules unless `validate`
+            is False (the caller checked them, e.g. `conditioning.WeightSampler`; saves a device sync).
         beta: KL strength. label_smoothing: eps of conservative DPO. loss_type: "sigmoid" or "hinge".
 
     Returns:
@@ -98,16 +101,31 @@ def modpo_loss(
             f"chosen_margins {tuple(chosen_margins.shape)} and rejected_margins {tuple(rejected_margins.shape)} "
             f"must both have shape (batch={batch}, K-1)"
         )
-    w = validate_weights(weights, num_objectives=chosen_margins.shape[1] + 1)
-
+    num_objectives = chosen_margins.shape[1] + 1
     # Log-sigmoid in fp32 (or better) even when the model runs in bf16.
     dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+    device = policy_chosen_logps.device
+    if isinstance(weights, torch.Tensor) and weights.dim() == 2:  # one weight vector per pair
+        if weights.shape != (batch, num_objectives):
+            raise ValueError(f"per-pair weights have shape {tuple(weights.shape)}, expected (batch={batch}, "
+                             f"K={num_objectives})")
+        if validate:
+            for i, row in enumerate(weights.tolist()):
+                try:
+                    validate_weights(row, num_objectives)
+                except ValueError as err:
+                    raise ValueError(f"pair {i}: {err}") from None
+        w = weights.to(device=device, dtype=dtype)
+        first, margin_weights = w[:, 0], w[:, 1:]
+    else:
+        values = validate_weights(weights, num_objectives)
+        first = values[0]
+        margin_weights = torch.tensor(values[1:], dtype=dtype, device=device).expand(batch, -1)
     chosen_logratios = policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)
     rejected_logratios = policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)
-    margin_weights = torch.tensor(w[1:], dtype=dtype, device=chosen_logratios.device)
-    weighted_margin = (chosen_margins.to(dtype) - rejected_margins.to(dtype)) @ margin_weights
+    weighted_margin = ((chosen_margins.to(dtype) - rejected_margins.to(dtype)) * margin_weights).sum(-1)
 
-    z = (beta * (chosen_logratios - rejected_logratios) - weighted_margin) / w[0]
+    z = (beta * (chosen_logratios - rejected_logratios) - weighted_margin) / first
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from modpo.cache import stable_hash, write_atomic
+from modpo.conditioning import on_grid
 from modpo.config import MODPOConfig
 from modpo.data.formats import check_sft_rows, tokenize_reward_pairs
 from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
@@ -253,6 +254,12 @@ def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict
         card.append(f"- margin sources: {', '.join(extra['margin_sources'])}")
     if extra.get("margin_scales"):
         card.extend(margin_card_lines(extra["margin_scales"]))
+    if extra.get("conditioning"):
+        c = extra["conditioning"]
+        example = ",".join(f"{w:g}" for w in on_grid([1 / c["num_objectives"]] * c["num_objectives"]))
+        card.append(f"- weight-conditioned on {c['num_objectives']} objectives ({c['sampling']} weights in training): "
+                    f"the prompt is preceded by `{c['example'].strip()}`; steer it with "
+                    f"`modpo generate --model {out} --weights {example} \"your prompt\"`")
     if cfg.lora:
         card.append(f"- LoRA: {json.dumps(cfg.lora)}")
     if merged:
@@ -370,7 +377,8 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
                    "token_counts": trainer.token_counts,
                    "margin_sources": [s.describe() for s in sources] or (
                        ["data columns chosen_margins/rejected_margins"] if len(args.weights) > 1 else []),
-                   "margin_scales": trainer.margin_scales.record() if trainer.margin_scales is not None else None})
+                   "margin_scales": trainer.margin_scales.record() if trainer.margin_scales is not None else None,
+                   "conditioning": trainer.conditioner.record() if trainer.conditioner is not None else None})
 
 
 STAGES = {"sft": run_sft, "reward": run_reward,

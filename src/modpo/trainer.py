@@ -16,11 +16,12 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
 from modpo.batch import PreferenceCollator, concatenated_inputs, to_device
 from modpo.cache import columns_fingerprint
+from modpo.conditioning import Conditioner, WeightSampler
 from modpo.config import MODPOConfig
 from modpo.data.formats import tokenize_preferences
 from modpo.distributed_precompute import sharded_cached_tensors
@@ -213,6 +214,16 @@ def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, 
                           f"does not go through transformers' attention interface. Set {name}=false")
 
 
+class EpochToConditioner(TrainerCallback):
+    """Tells the conditioner which epoch begins, so each row's weights are drawn anew (and reproducibly)."""
+
+    def __init__(self, conditioner: Conditioner):
+        self.conditioner = conditioner
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.conditioner.epoch = int(state.epoch or 0)
+
+
 class MODPOTrainer(Trainer):
     """Trains a policy with the MODPO loss for one weight vector `args.weights`.
 
@@ -259,8 +270,13 @@ class MODPOTrainer(Trainer):
             check_packed_layout(model, train_dataset if train_dataset is not None else eval_dataset,
                                 processing_class.pad_token_id, args)
             use_padding_free(model, prefix_sharing=args.prefix_sharing)
+        self.conditioner = None  # weight-conditioned MODPO: each row's w, shown to the policy (`conditioning`)
+        if args.weight_sampling is not None:
+            self.conditioner = Conditioner(WeightSampler(
+                len(args.weights), args.weight_sampling, args.weight_concentration, args.weight_list or [],
+                args.min_first_weight, args.seed), processing_class)
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
-                                      args.prefix_sharing)
+                                      args.prefix_sharing, self.conditioner)
         if args.chunked_logps and args.ddp_find_unused_parameters is None:
             # Transformers' DDP default (True without gradient checkpointing) breaks the chunked head of an
             # untied LM head (see chunked_logps_conflict); every trainable parameter of a causal LM is used.
@@ -270,6 +286,8 @@ class MODPOTrainer(Trainer):
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
         self._check_chunked_logps()
+        if self.conditioner is not None:
+            self.add_callback(EpochToConditioner(self.conditioner))
         if self.margin_scales is not None and self.is_world_process_zero():  # before training starts, once
             for line in weight_warnings(args.weights, self.margin_scales):
                 logger.warning(line)
@@ -323,8 +341,9 @@ class MODPOTrainer(Trainer):
             logps = sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * pairs, **layout)
         losses, chosen_rewards, rejected_rewards = modpo_loss(
             logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
-            inputs.get("chosen_margins"), inputs.get("rejected_margins"), args.weights,
-            beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+            inputs.get("chosen_margins"), inputs.get("rejected_margins"), inputs.get("weights", args.weights),
+            beta=args.beta, label_smoothing=args.label_smoothing, loss_type=args.loss_type,
+            validate="weights" not in inputs)  # per-row weights come checked from the sampler
         if "loss_weight" in inputs:  # per-row weights, e.g. the DPO-LW baseline's w_k per objective's rows
             losses = losses * inputs["loss_weight"]
         loss = losses.mean()

@@ -25,11 +25,14 @@ class SamplingSettings:
 
 
 @torch.inference_mode()
-def sample_responses(model, tokenizer, prompts: list, settings: SamplingSettings, desc: str = "sampling") -> list[dict]:
-    """[{prompt, response}] with `samples_per_prompt` samples per prompt, in prompt order."""
+def sample_responses(model, tokenizer, prompts: list, settings: SamplingSettings, desc: str = "sampling",
+                     prefix: list[int] | None = None) -> list[dict]:
+    """[{prompt, response}] with `samples_per_prompt` samples per prompt, in prompt order. `prefix` ids come before
+    every prompt (a weight-conditioned model's condition, `modpo.conditioning`)."""
     device = next(model.parameters()).device
     model.eval()
-    encoded = [encode_prompt(p, tokenizer) for p in prompts]  # the prompt ids training scored responses after
+    # the prompt ids training scored responses after
+    encoded = [list(prefix or []) + encode_prompt(p, tokenizer) for p in prompts]
     jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.samples_per_prompt)]
     pad_id = tokenizer.pad_token_id
     results = []

@@ -1,0 +1,131 @@
+"""Weight-conditioned MODPO: one policy pi(y | x, w) for every weight vector, trained once, steered at inference.
+
+The policy sees w, the reference does not: pi(y | x, w) is trained against the unconditioned pi_ref(y | x), so the
+optimum for every w is pi_ref(y|x) exp(w . r(x, y) / beta) and the reference log-probs and margins precomputed once
+per row serve every w.
+
+How w is shown (`render`, used identically in training, evaluation and generation): a prefix of tokens before
+the prompt, `weights: 0.30 0.70` and a newline, the weights with two decimals in objective order. It works for
+text rows and chat templates alike (the prefix comes before the rendered conversation), with and without LoRA.
+Weights are put on that grid first (`on_grid`: two decimals, summing to one), so the model is trained for exactly
+the weights its prompt shows.
+
+How training draws w (`WeightSampler`): per row and per epoch, seeded by (seed, epoch, row), from a Dirichlet
+distribution (`dirichlet`, concentration alpha) or cycling through a fixed list (`cycle`); w_0 is kept at or above
+`min_first_weight`, since 1/w_0 scales the logit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from modpo.loss import validate_weights
+
+DECIMALS = 2
+PREFIX = "weights:"
+SAMPLINGS = ("dirichlet", "cycle")
+
+
+def on_grid(weights: Sequence[float]) -> list[float]:
+    """The weights rounded to the rendering's two decimals, still on the simplex (the largest absorbs rounding)."""
+    values = [round(float(w), DECIMALS) for w in weights]
+    largest = max(range(len(values)), key=lambda k: values[k])
+    values[largest] = round(1.0 - sum(v for k, v in enumerate(values) if k != largest), DECIMALS)
+    return values
+
+
+def render(weights: Sequence[float]) -> str:
+    """The text that shows w to the policy: `weights: 0.30 0.70` and a newline."""
+    return PREFIX + " " + " ".join(f"{w:.{DECIMALS}f}" for w in weights) + "\n"
+
+
+def vocabulary() -> list[str]:
+    """Every word `render` writes, for word-level tokenizers (e.g. the demo's)."""
+    return [PREFIX] + [f"{i / 10 ** DECIMALS:.{DECIMALS}f}" for i in range(10 ** DECIMALS + 1)]
+
+
+def condition_ids(weights: Sequence[float], tokenizer) -> list[int]:
+    return tokenizer(render(weights), add_special_tokens=False)["input_ids"]
+
+
+def check_request(weights: Sequence[float], num_objectives: int) -> list[float]:
+    """A weight vector asked of a conditioned model: the right length, w_0 > 0, on the simplex; on the grid."""
+    values = validate_weights(list(weights), num_objectives)
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"weights {values} sum to {sum(values):g}; a conditioned model is trained on the simplex: "
+                         f"use {[round(w / sum(values), 6) for w in values]}")
+    grid = on_grid(values)
+    if grid[0] <= 0:
+        raise ValueError(f"weights[0] = {values[0]} is below {10 ** -DECIMALS}, the smallest weight the condition shows")
+    return grid
+
+
+@dataclass
+class WeightSampler:
+    """Per-row weight vectors for one epoch: `weights_for(rows, epoch)`, shape (len(rows), K), on the grid."""
+
+    num_objectives: int
+    sampling: str = "dirichlet"
+    concentration: float | list[float] = 1.0
+    weight_list: list[list[float]] = field(default_factory=list)
+    min_first_weight: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"weight_sampling = {self.sampling!r}; expected one of {SAMPLINGS}")
+        if self.sampling == "cycle":
+            if not self.weight_list:
+                raise ValueError("weight_sampling 'cycle' needs weight_list: the weight vectors to cycle through")
+            self.weight_list = [check_request(w, self.num_objectives) for w in self.weight_list]
+        alpha = self.concentration if isinstance(self.concentration, list) else [self.concentration] * self.num_objectives
+        if len(alpha) != self.num_objectives or not all(isinstance(a, (int, float)) and math.isfinite(a) and a > 0
+                                                        for a in alpha):
+            raise ValueError(f"weight_concentration = {self.concentration!r}: one number > 0, or one per objective")
+        self.alpha = [float(a) for a in alpha]
+        if not 0 < self.min_first_weight < 1:
+            raise ValueError(f"min_first_weight = {self.min_first_weight} must be in (0, 1)")
+
+    def weights_for(self, rows: Sequence[int], epoch: int) -> list[list[float]]:
+        out = []
+        for row in rows:
+            if self.sampling == "cycle":
+                out.append(self.weight_list[(row + epoch) % len(self.weight_list)])
+                continue
+            draw = np.random.default_rng([self.seed, epoch, row]).dirichlet(self.alpha)
+            if draw[0] < self.min_first_weight:  # keep 1/w_0 bounded: the rest shares what is left
+                rest = draw[1:] * (1 - self.min_first_weight) / max(draw[1:].sum(), 1e-12)
+                draw = np.concatenate([[self.min_first_weight], rest])
+            out.append(on_grid(draw.tolist()))
+        return out
+
+
+class Conditioner:
+    """What the collator adds to a batch of a conditioned run: each row's weights for the current epoch and the
+    token ids that show them (`render`), prepended to its prompt. The trainer sets `epoch` as each one begins."""
+
+    def __init__(self, sampler: WeightSampler, tokenizer):
+        self.sampler, self.tokenizer, self.epoch = sampler, tokenizer, 0
+        self._ids: dict[tuple, list[int]] = {}
+
+    def __call__(self, rows: Sequence[int]) -> tuple[list[list[float]], list[list[int]]]:
+        weights = self.sampler.weights_for(rows, self.epoch)
+        prefixes = []
+        for w in weights:
+            key = tuple(w)
+            if key not in self._ids:
+                self._ids[key] = condition_ids(w, self.tokenizer)
+            prefixes.append(self._ids[key])
+        return weights, prefixes
+
+    def record(self) -> dict:
+        """What a model card and run record say of a conditioned model."""
+        sampler = self.sampler
+        return {"format": "prefix", "example": render(on_grid([1 / sampler.num_objectives] * sampler.num_objectives)),
+                "num_objectives": sampler.num_objectives, "sampling": sampler.sampling,
+                "concentration": sampler.alpha, "weight_list": sampler.weight_list,
+                "min_first_weight": sampler.min_first_weight, "decimals": DECIMALS}

@@ -1,0 +1,46 @@
+"""Steering one weight-conditioned model at inference: `modpo generate --model DIR --weights 0.3,0.7 "prompt"`.
+
+The model's run record (`modpo_run.json`, written by `modpo train` with `weight_sampling`) says it is conditioned
+and on how many objectives; the weights asked for are checked (length, w_0 > 0, on the simplex), rendered exactly
+as in training (`modpo.conditioning.render`) and put before the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from modpo.conditioning import check_request, condition_ids
+from modpo.errors import ConfigError
+from modpo.front.generate import SamplingSettings, sample_responses
+from modpo.models import load_model, load_tokenizer
+
+
+def conditioning_of(model_dir: str | Path) -> dict:
+    """The `conditioning` record of a conditioned model's folder; ConfigError for any other folder."""
+    record_file = Path(model_dir) / "modpo_run.json"
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{model_dir}: no readable modpo_run.json; weights steer only a model trained by "
+                          "`modpo train` with training.weight_sampling") from None
+    conditioning = record.get("conditioning")
+    if not conditioning:
+        raise ConfigError(f"{model_dir} is not weight-conditioned (trained for the fixed weights "
+                          f"{record.get('weights')}); train with training.weight_sampling to steer one model")
+    return conditioning
+
+
+def steer(model_dir: str | Path, prompts: list, weights: list[float], settings: SamplingSettings | None = None,
+          model=None, tokenizer=None) -> list[dict]:
+    """[{prompt, response, sample, weights}] sampled from the conditioned model at `weights`."""
+    conditioning = conditioning_of(model_dir)
+    try:
+        grid = check_request(weights, conditioning["num_objectives"])
+    except ValueError as err:
+        raise ConfigError(f"--weights: {err}") from None
+    tokenizer = tokenizer or load_tokenizer(str(model_dir))
+    model = model or load_model(str(model_dir))
+    samples = sample_responses(model, tokenizer, prompts, settings or SamplingSettings(), desc=f"w = {grid}",
+                               prefix=condition_ids(grid, tokenizer))
+    return [{**s, "weights": grid} for s in samples]
