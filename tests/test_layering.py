@@ -18,10 +18,10 @@ MAX_LINES = 400
 # Bottom first. A batch travels up this table: JSONL -> data.loaders -> data.formats (checks) -> data.encode (ids)
 # -> [precompute: reference, margins] -> batch (layouts) -> logps -> loss, driven by trainer.
 LAYERS = [
-    ("core", ["errors", "loss", "cache", "data.encode", "packing"]),
+    ("core", ["errors", "guard", "loss", "cache", "data.encode", "packing", "settings_check"]),
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
-    ("loading and settings", ["models", "config", "run_config", "distributed_precompute"]),
+    ("loading and settings", ["models", "config", "run_config", "distributed_precompute", "preflight"]),
     ("precompute", ["reference", "margins", "margin_specs", "demo.task"]),
     ("trainer", ["trainer"]),
     ("stages", ["stages", "front.generate", "front.report"]),

@@ -26,6 +26,7 @@ from modpo.data.loaders import load_dataset_from_config, load_preferences, read_
 from modpo.errors import ConfigError
 from modpo.margin_specs import margin_sources
 from modpo.models import load_model, load_tokenizer, resolve, whole_weights
+from modpo.preflight import guarded_stage
 from modpo.run_config import StageConfig
 from modpo.trainer import MODPOTrainer
 
@@ -292,6 +293,7 @@ def lora_errors(cfg: StageConfig):
         raise
 
 
+@guarded_stage("sft")
 def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Supervised fine-tuning with TRL's SFTTrainer (prompt/completion or messages data)."""
     from trl import SFTConfig, SFTTrainer
@@ -315,6 +317,7 @@ def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> 
     return finish(trainer, cfg, "sft", started, identity, {})
 
 
+@guarded_stage("reward")
 def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Reward-model training with TRL's RewardTrainer (Bradley-Terry on preference pairs)."""
     from trl import RewardConfig, RewardTrainer
@@ -337,6 +340,7 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     return finish(trainer, cfg, "reward", started, identity, {})
 
 
+@guarded_stage()
 def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False, overwrite: bool = False) -> Path:
     """MODPO (`stage="train"`) or DPO (`stage="dpo"`: weights [1.0], no margins)."""
 
