@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from modpo.errors import ConfigError
+from modpo.errors import ConfigError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +113,20 @@ def entry_lock(path: Path) -> Iterator[bool]:
         yield True
     finally:
         lock.release()
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (one holding trainer_state.json, which transformers writes last), if any."""
+    steps = [(int(p.name.removeprefix("checkpoint-")), p) for p in Path(output_dir).glob("checkpoint-*")
+             if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def save_failed(output_dir: str | Path, err: OSError) -> WriteError:
+    """The one-line error for a final save that failed: where the last checkpoint is, or that there is none."""
+    reason = err.strerror or str(err) or type(err).__name__
+    checkpoint = last_checkpoint(output_dir)
+    kept = (f"the last checkpoint, {checkpoint}, is kept: free space and rerun with --resume to continue from it"
+            if checkpoint else "no checkpoint was written (save_strategy 'no' or before the first save_steps): "
+                               "free space and run again")
+    return WriteError(f"could not save the final model in {output_dir} ({reason}); {kept}")

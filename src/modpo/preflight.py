@@ -22,7 +22,7 @@ from modpo.data.loaders.files import _read_numbered
 from modpo.errors import ConfigError, DataError
 from modpo.guard import check_output_folder, check_writable, output_lock
 from modpo.models import resolve
-from modpo.run_config import StageConfig
+from modpo.run_config import FrontConfig, StageConfig
 from modpo.settings_check import check_evaluation_settings, check_margin_settings, check_training_settings
 
 LOGP_STAGES = ("sft", "dpo", "train")  # stages whose model must be a causal LM (reward adds its own head)
@@ -232,3 +232,24 @@ def guarded_stage(stage: str | None = None):
                 return run(cfg, *args, **kwargs)
         return guarded
     return wrap
+
+
+def preflight_front(cfg: FrontConfig, overwrite: bool = False) -> None:
+    """A front's checks before its first point trains: its evaluation and training settings, its folder."""
+    check_evaluation(cfg.evaluation)
+    train = cfg.train if isinstance(cfg.train, dict) else {}
+    check_training_settings(train.get("training") or {}, "train")
+    check_margin_settings(train.get("margins") or [])
+    inputs = [(key, train.get(key)) for key in ("model", "ref_model", "tokenizer")]
+    check_output_folder(cfg.output_dir, overwrite, [(k, v) for k, v in inputs if isinstance(v, str)])
+    check_writable(cfg.output_dir)
+
+
+def guarded_front(run):
+    """Decorate `run_front(cfg, ...)`: its preflight, then the sweep holding the front folder's lock."""
+    @functools.wraps(run)
+    def guarded(cfg: FrontConfig, *args, **kwargs):
+        preflight_front(cfg, kwargs.get("overwrite", False))
+        with output_lock(cfg.output_dir):
+            return run(cfg, *args, **kwargs)
+    return guarded

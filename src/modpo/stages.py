@@ -24,6 +24,7 @@ from modpo.config import MODPOConfig
 from modpo.data.formats import check_sft_rows
 from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
 from modpo.errors import ConfigError
+from modpo.guard import save_failed
 from modpo.margin_specs import margin_sources
 from modpo.models import load_model, load_tokenizer, resolve, whole_weights
 from modpo.preflight import guarded_stage
@@ -215,7 +216,15 @@ def resume_from(cfg: StageConfig, resume: bool):
 
 
 def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict, extra: dict) -> Path:
-    """Save the model, its card and the run record (last, atomically)."""
+    """Save the model, its card and the run record (last, atomically); a failed write keeps the checkpoints and
+    says where the last one is (`guard.save_failed`)."""
+    try:
+        return _finish(trainer, cfg, stage, started, identity, extra)
+    except OSError as err:
+        raise save_failed(cfg.output_dir, err) from None
+
+
+def _finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict, extra: dict) -> Path:
     out = Path(cfg.output_dir)
     merged = getattr(trainer, "start_merged", False)  # a new adapter over a merged adapter folder: save standalone
     if merged:
