@@ -152,7 +152,12 @@ def check_data_file(spec, name: str, preferences: bool = True) -> None:
             first = (row, kind)
         elif kind != first[1]:
             if preferences:
-                load_preferences(path)  # a row that is wrong in itself is named as such
+                try:
+                    load_preferences(path)  # a row that is wrong in itself is named as such
+                except DataError:
+                    raise
+                except (TypeError, ValueError):  # pyarrow's refusal of the mixed column: the message below says it
+                    pass
             what = {"chat": "a message list", "text": "text"}
             raise DataError(path, row, field, f"is {what[kind]}, but row {first[0]}'s is {what[first[1]]}: every row "
                                               "of a file must have the same format (all text, or all chat messages)")
