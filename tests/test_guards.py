@@ -132,8 +132,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once(capsys, tmp_path, 
 def test_a_cache_entry_being_computed_elsewhere_is_waited_for_not_recomputed(tmp_path, monkeypatch):
     key = {"what": "reference", "rows": 3}
     path, _ = cache.entry_path("logps", key, tmp_path)
-    path.parent.mkdir(parents=True)
-    other = holder(path.with_name(path.name + ".lock"))  # another process computing this entry
+    cache.lock_path(path).parent.mkdir(parents=True)
+    other = holder(cache.lock_path(path))  # another process computing this entry
     waiting = threading.Event()
     real_lock = cache.entry_lock
 

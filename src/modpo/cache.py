@@ -98,6 +98,11 @@ def entry_path(kind: str, key: dict, cache_dir: Path | str | None = None) -> tup
     return cache_dir / kind / f"{digest}.safetensors", digest
 
 
+def lock_path(entry: Path) -> Path:
+    """The lock file held while `entry` is computed: `<cache>/.locks/<kind>-<digest>.lock`, out of the entries' way."""
+    return entry.parent.parent / ".locks" / f"{entry.parent.name}-{entry.stem}.lock"
+
+
 def load_cached(kind: str, key: dict, cache_dir: Path | str | None = None) -> dict[str, torch.Tensor] | None:
     """The stored tensors for (kind, key), or None where there is no sound entry."""
     path, digest = entry_path(kind, key, cache_dir)
@@ -140,6 +145,6 @@ def cached_tensors(kind: str, key: dict, compute: Callable[[], dict[str, torch.T
     tensors = load_cached(kind, key, cache_dir)
     if tensors is not None:
         return tensors
-    with entry_lock(entry_path(kind, key, cache_dir)[0]):  # one process computes it; the others wait, then load
+    with entry_lock(lock_path(entry_path(kind, key, cache_dir)[0])):  # one process computes; the others wait, load
         tensors = load_cached(kind, key, cache_dir)
         return tensors if tensors is not None else store_cached(kind, key, compute(), cache_dir)

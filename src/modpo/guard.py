@@ -100,11 +100,11 @@ def output_lock(output_dir: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def entry_lock(path: Path) -> Iterator[bool]:
-    """Hold `<path>.lock` while a cache entry is computed, so two processes do not compute the same entry at once.
-    Yields False (and holds nothing) where the lock file cannot be made: the caller computes without the lock."""
+    """Hold the lock file `path` while a cache entry is computed, so two processes do not compute the same entry at
+    once. Yields False (and holds nothing) where the lock file cannot be made: the caller computes without it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path.with_name(path.name + ".lock")))
+        lock = FileLock(str(path))
         lock.acquire()
     except OSError:
         yield False

@@ -105,7 +105,8 @@ def tokenizer_size(folder: Path) -> int | None:
     return max(ids) + 1 if ids else None
 
 
-def check_model(path: str, where: str, head: str | None, tokens: int | None = None) -> dict | None:
+def check_model(path: str, where: str, head: str | None, tokens: int | None = None,
+                trust_remote_code: bool = False) -> dict | None:
     """Check a local model folder; returns its config (None for a hub id, GGUF or adapter folder).
 
     `head`: "causal_lm" (log-probs), "score" (a trained classification head) or None."""
@@ -113,6 +114,11 @@ def check_model(path: str, where: str, head: str | None, tokens: int | None = No
     if folder is None or (folder / "adapter_config.json").exists():
         return None
     config = _config(folder, path)
+    if config.get("auto_map"):  # the model brings its own code: refused, or its own business when trusted
+        if not trust_remote_code:
+            raise ConfigError(f"{path} needs its own Python code to load; modpo runs it only with "
+                              "trust_remote_code: true (off by default)")
+        return config
     keys = weight_keys(folder, path)
     architectures = config.get("architectures") or []
     prefix = f"{where}: " if where != "model" else ""
@@ -173,7 +179,8 @@ def preflight(cfg: StageConfig, stage: str, overwrite: bool = False) -> None:
     check_output_folder(cfg.output_dir, overwrite, [(key, path) for key, path in models if isinstance(path, str)])
     check_writable(cfg.output_dir)
     tokens = _tokenizer_tokens(cfg.tokenizer or cfg.model)
-    policy = check_model(cfg.model, "model", "causal_lm" if stage in LOGP_STAGES else None, tokens)
+    policy = check_model(cfg.model, "model", "causal_lm" if stage in LOGP_STAGES else None, tokens,
+                         cfg.trust_remote_code)
     if cfg.ref_model:
         ref = check_model(cfg.ref_model, "ref_model", "causal_lm", tokens)
         _same_vocabulary(policy, ref, cfg.model, cfg.ref_model, "ref_model")

@@ -109,27 +109,21 @@ def from_dict(cls, data: dict, source: str):
     return cls(**data)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader, refusing a mapping that gives one key twice (yaml would keep the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
+def refuse_duplicate_keys(node, source) -> None:
+    """A mapping that gives one key twice (yaml would keep the last silently) is refused with the line of each.
+    Works on the composed node tree: nothing is constructed."""
+    if isinstance(node, yaml.MappingNode):
         seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise ConfigError(f"{self.name}, line {key_node.start_mark.line + 1}: duplicate key {key!r} (first "
-                                  f"given on line {seen[key] + 1})")
-            if isinstance(key, typing.Hashable):
-                seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _safe_load_unique(f):
-    loader = _UniqueKeyLoader(f)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in seen:
+                    raise ConfigError(f"{source}, line {key.start_mark.line + 1}: duplicate key {key.value!r} (first "
+                                      f"given on line {seen[(key.tag, key.value)] + 1})")
+                seen[(key.tag, key.value)] = key.start_mark.line
+            refuse_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            refuse_duplicate_keys(item, source)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -137,8 +131,9 @@ def read_yaml(path: str | Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder, not a YAML file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = _safe_load_unique(f)
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except PermissionError:
