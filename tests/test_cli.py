@@ -209,8 +209,8 @@ def test_overrides_reach_the_front(capsys, monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_front(cfg, overwrite=False):
-        seen.update(cfg=cfg, overwrite=overwrite)
+    def fake_front(cfg, overwrite=False, resume=False):
+        seen.update(cfg=cfg, overwrite=overwrite, resume=resume)
         Path(cfg.output_dir).mkdir(parents=True)
         (Path(cfg.output_dir) / "front.md").write_text("| point |\n")
 

@@ -18,10 +18,11 @@ MAX_LINES = 400
 # Bottom first. A batch travels up this table: JSONL -> data.loaders -> data.formats (checks) -> data.encode (ids)
 # -> [precompute: reference, margins] -> batch (layouts) -> logps -> loss, driven by trainer.
 LAYERS = [
-    ("core", ["errors", "loss", "cache", "data.encode", "packing", "margin_scale", "conditioning"]),
+    ("core", ["errors", "guard", "loss", "cache", "data.encode", "packing", "settings_check", "margin_scale",
+              "conditioning"]),
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
-    ("loading and settings", ["models", "config", "run_config", "distributed_precompute"]),
+    ("loading and settings", ["models", "config", "run_config", "distributed_precompute", "preflight"]),
     ("precompute", ["reference", "margins", "margin_specs", "demo.task"]),
     ("trainer", ["trainer"]),
     ("stages", ["stages", "front.generate", "front.report"]),

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from modpo.guard import entry_lock
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +98,11 @@ def entry_path(kind: str, key: dict, cache_dir: Path | str | None = None) -> tup
     return cache_dir / kind / f"{digest}.safetensors", digest
 
 
+def lock_path(entry: Path) -> Path:
+    """The lock file held while `entry` is computed: `<cache>/.locks/<kind>-<digest>.lock`, out of the entries' way."""
+    return entry.parent.parent / ".locks" / f"{entry.parent.name}-{entry.stem}.lock"
+
+
 def load_cached(kind: str, key: dict, cache_dir: Path | str | None = None) -> dict[str, torch.Tensor] | None:
     """The stored tensors for (kind, key), or None where there is no sound entry."""
     path, digest = entry_path(kind, key, cache_dir)
@@ -119,12 +126,25 @@ def store_cached(kind: str, key: dict, tensors: dict[str, torch.Tensor],
     """Write the entry for (kind, key); returns the tensors as stored (contiguous, on CPU)."""
     path, digest = entry_path(kind, key, cache_dir)
     tensors = {name: t.contiguous().cpu() for name, t in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": digest, "kind": kind}))
+    try:
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": digest, "kind": kind}))
+    except OSError as err:  # a read-only or full cache: the run goes on, computing what it cannot keep
+        root = str(path.parent.parent)
+        if root not in _UNWRITABLE:
+            _UNWRITABLE.add(root)
+            logger.warning("cache %s is not writable (%s); computing without caching", root, err)
     return tensors
+
+
+_UNWRITABLE: set[str] = set()  # cache folders already warned about
 
 
 def cached_tensors(kind: str, key: dict, compute: Callable[[], dict[str, torch.Tensor]],
                    cache_dir: Path | str | None = None) -> dict[str, torch.Tensor]:
     """Load the entry for (kind, key) or compute and store it."""
     tensors = load_cached(kind, key, cache_dir)
-    return tensors if tensors is not None else store_cached(kind, key, compute(), cache_dir)
+    if tensors is not None:
+        return tensors
+    with entry_lock(lock_path(entry_path(kind, key, cache_dir)[0])):  # one process computes; the others wait, load
+        tensors = load_cached(kind, key, cache_dir)
+        return tensors if tensors is not None else store_cached(kind, key, compute(), cache_dir)

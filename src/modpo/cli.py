@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 from modpo.config import MODPOConfig
 from modpo.demo.pipeline import run_demo
-from modpo.errors import ModpoError
+from modpo.errors import ModpoError, WriteError
 from modpo.experiments.compare import run_compare
 from modpo.front.generate import SamplingSettings
 from modpo.front.steer import steer
 from modpo.front.sweep import EVALUATION_KEYS, run_front
+from modpo.guard import last_checkpoint
 from modpo.recipes import run_recipe, shipped_recipes
 from modpo.run_config import EVALUATION_HELP, FrontConfig, StageConfig, describe, load_config
 from modpo.stages import STAGES
@@ -58,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                            + "\nKeys under evaluation:\n" + _evaluation_fields(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(front)
+    front.add_argument("--resume", action="store_true",
+                       help="continue a point killed while training from the last checkpoint in its folder")
     shipped = shipped_recipes()
     recipe = sub.add_parser("recipe", help=f"run a recipe: a YAML list of stages (shipped: {', '.join(shipped)})",
                             description="Run every stage of a recipe in order; finished stages are skipped.",
@@ -178,11 +182,12 @@ def _run(args) -> int:
     if args.command == "front":
         cfg = load_config(FrontConfig, args.config, args.overrides)
         with _clean_on_error(cfg.output_dir):
-            run_front(cfg, overwrite=args.overwrite)
+            run_front(cfg, overwrite=args.overwrite, resume=args.resume)
         print((Path(cfg.output_dir) / "front.md").read_text())
         return 0
 
     cfg = load_config(StageConfig, args.config, args.overrides)
+    args.output_dir = cfg.output_dir  # for the advice after Ctrl-C
     with _clean_on_error(cfg.output_dir):
         out = STAGES[args.command](cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"saved to {out}")
@@ -217,7 +222,26 @@ class _clean_on_error:
         return False
 
 
+def interrupted_advice(argv: list[str], output_dir: str | None = None) -> str:
+    """What to run after Ctrl-C: the same command, plus --resume where it continues from a checkpoint (a stage
+    with one in its output_dir; a front or recipe, which resume the points and stages that have one)."""
+    command = ["modpo", *argv]
+    stage = bool(argv) and argv[0] in STAGE_HELP
+    resumes = (bool(argv) and argv[0] in ("front", "recipe")) or (
+        stage and output_dir is not None and last_checkpoint(output_dir) is not None)
+    if resumes and "--resume" not in argv:
+        command.append("--resume")
+    if resumes:
+        how = "continue from the last checkpoint with"
+    elif stage:
+        how = "no checkpoint was written yet; start again with"
+    else:
+        how = "rerun (finished work is reused) with"
+    return f"modpo: interrupted; {how}: {shlex.join(command)}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modpo.recipes").setLevel(logging.INFO)  # a recipe's progress, stage by stage
@@ -231,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning)
     try:
         return _run(args)
+    except WriteError as err:  # not bad input: the disk refused a write
+        print(f"modpo: error: {err}", file=sys.stderr)
+        return 1
     except ModpoError as err:
         print(f"modpo: error: {err}", file=sys.stderr)
         return 2
@@ -238,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modpo: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("modpo: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        print(interrupted_advice(argv, getattr(args, "output_dir", None)), file=sys.stderr)
         return 130
 
 

@@ -19,3 +19,7 @@ class DataError(ModpoError, ValueError):
 
 class ConfigError(ModpoError, ValueError):
     """A problem in a configuration value: names the option (and the config file when known)."""
+
+
+class WriteError(ModpoError):
+    """A write that failed (a full disk, a read-only folder): names what was kept and how to continue."""

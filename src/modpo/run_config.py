@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,12 +109,37 @@ def from_dict(cls, data: dict, source: str):
     return cls(**data)
 
 
+def refuse_duplicate_keys(node, source) -> None:
+    """A mapping that gives one key twice (yaml would keep the last silently) is refused with the line of each.
+    Works on the composed node tree: nothing is constructed."""
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in seen:
+                    raise ConfigError(f"{source}, line {key.start_mark.line + 1}: duplicate key {key.value!r} (first "
+                                      f"given on line {seen[(key.tag, key.value)] + 1})")
+                seen[(key.tag, key.value)] = key.start_mark.line
+            refuse_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            refuse_duplicate_keys(item, source)
+
+
 def read_yaml(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable (permission denied)") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -142,10 +168,26 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# Keys whose string values are paths, at any depth of a config: `~` in them is the user's home folder.
+PATH_KEYS = {"model", "output_dir", "train_data", "eval_data", "tokenizer", "ref_model", "path", "cache_dir",
+             "logging_dir", "prompts", "deepspeed"}
+
+
+def expand_home(value, key: str | None = None):
+    """`~/x` as the user's home folder in every path-valued key of a nested config (and extra_models' values)."""
+    if isinstance(value, str):
+        return os.path.expanduser(value) if key in PATH_KEYS and value.startswith("~") else value
+    if isinstance(value, list):
+        return [expand_home(v, key if key in PATH_KEYS else None) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_home(v, "path" if key == "extra_models" else k) for k, v in value.items()}
+    return value
+
+
 def load_config(cls, path: str | None, overrides: list[str]):
     data = read_yaml(path) if path else {}
     apply_overrides(data, overrides)
-    return from_dict(cls, data, path or "command line")
+    return from_dict(cls, expand_home(data), path or "command line")
 
 
 def describe(cls, command: str | None = None) -> str:

@@ -25,9 +25,11 @@ from modpo.config import MODPOConfig
 from modpo.data.formats import check_sft_rows, tokenize_reward_pairs
 from modpo.data.loaders import load_dataset_from_config, load_preferences, read_records
 from modpo.errors import ConfigError
+from modpo.guard import save_failed
 from modpo.margin_scale import card_lines as margin_card_lines
 from modpo.margin_specs import margin_sources
 from modpo.models import load_model, load_tokenizer, resolve, whole_weights
+from modpo.preflight import guarded_stage
 from modpo.run_config import StageConfig
 from modpo.trainer import MODPOTrainer
 
@@ -216,7 +218,15 @@ def resume_from(cfg: StageConfig, resume: bool):
 
 
 def finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict, extra: dict) -> Path:
-    """Save the model, its card and the run record (last, atomically)."""
+    """Save the model, its card and the run record (last, atomically); a failed write keeps the checkpoints and
+    says where the last one is (`guard.save_failed`)."""
+    try:
+        return _finish(trainer, cfg, stage, started, identity, extra)
+    except OSError as err:
+        raise save_failed(cfg.output_dir, err) from None
+
+
+def _finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dict, extra: dict) -> Path:
     out = Path(cfg.output_dir)
     merged = getattr(trainer, "start_merged", False)  # a new adapter over a merged adapter folder: save standalone
     if merged:
@@ -302,6 +312,7 @@ def lora_errors(cfg: StageConfig):
         raise
 
 
+@guarded_stage("sft")
 def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Supervised fine-tuning with TRL's SFTTrainer (prompt/completion or messages data)."""
     from trl import SFTConfig, SFTTrainer
@@ -325,6 +336,7 @@ def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> 
     return finish(trainer, cfg, "sft", started, identity, {})
 
 
+@guarded_stage("reward")
 def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Reward-model training with TRL's RewardTrainer (Bradley-Terry on preference pairs)."""
     from trl import RewardConfig, RewardTrainer
@@ -350,6 +362,7 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     return finish(trainer, cfg, "reward", started, identity, {})
 
 
+@guarded_stage()
 def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False, overwrite: bool = False) -> Path:
     """MODPO (`stage="train"`) or DPO (`stage="dpo"`: weights [1.0], no margins)."""
 

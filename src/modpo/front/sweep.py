@@ -20,6 +20,7 @@ from modpo.front.evaluators import build_evaluators, score_samples
 from modpo.front.generate import SamplingSettings, sample_responses
 from modpo.front.report import summarize, write_report
 from modpo.models import load_model, load_tokenizer
+from modpo.preflight import guarded_front
 from modpo.run_config import FrontConfig, StageConfig, from_dict
 from modpo.stages import load_data, run_preference
 
@@ -93,7 +94,8 @@ def _run_hash(model_dir: Path) -> str | None:
     return _read_record(model_dir / "modpo_run.json").get("config_hash")
 
 
-def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front") -> dict:
+@guarded_front
+def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front", resume: bool = False) -> dict:
     """Train (or reuse) every point, evaluate it, write the report folder; returns the report document."""
 
     unknown = set(cfg.evaluation) - EVALUATION_KEYS
@@ -126,7 +128,8 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
         train["output_dir"] = str(out / "points" / name)
         stage = from_dict(StageConfig, train, f"front point {name}")
         t0 = time.time()
-        run_dir = run_preference(stage, "train", overwrite=overwrite)
+        run_dir = run_preference(stage, "train", overwrite=overwrite,
+                                 resume=resume and any(Path(stage.output_dir).glob("checkpoint-*")))
         run = json.loads((run_dir / "modpo_run.json").read_text())
         logger.info("point %s trained or reused in %.1fs", name, time.time() - t0)
         points.append(evaluate_model(run_dir, name, weights, prompts, settings, evaluators,
