@@ -25,7 +25,8 @@ import torch
 from datasets import Dataset
 
 from modpo import MODPOConfig, MODPOTrainer
-from modpo.trainer import chunked_logps_conflict, precompute_autocast_dtype
+from modpo.precompute import precompute_autocast_dtype
+from modpo.trainer import chunked_logps_conflict
 
 import tiny
 
@@ -263,7 +264,7 @@ SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
 
     from modpo import MODPOConfig, MODPOTrainer
-    from modpo import trainer as trainer_module
+    from modpo import precompute as trainer_module  # where the reference precompute scores
     import test_distributed, tiny
 
     out, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent('''
     from datasets import Dataset
 
     from modpo import MODPOConfig, MODPOTrainer
-    from modpo import margins as margins_module, trainer as trainer_module
+    from modpo import margins as margins_module, precompute as trainer_module
     from modpo.margins import CallableMargins, ImplicitRewardMargins
     import test_distributed, tiny
 

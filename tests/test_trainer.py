@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset
 
 from modpo import MODPOConfig, MODPOTrainer
-from modpo import trainer as trainer_module
+from modpo import precompute as precompute_module, trainer as trainer_module
 from modpo.errors import ConfigError, DataError
 from modpo.margins import CallableMargins, length_penalty
 
@@ -38,13 +38,13 @@ def tok():
 
 def test_reference_is_precomputed_once_across_weight_vectors(tmp_path, tok, monkeypatch):
     calls = []
-    original = trainer_module.batched_sequence_logps
+    original = precompute_module.batched_sequence_logps
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "batched_sequence_logps", counting)
+    monkeypatch.setattr(precompute_module, "batched_sequence_logps", counting)
     model = tiny.model(len(tok), seed=1)
     data = Dataset.from_list(tiny.rows(6, seed=1, num_margins=1))
     first = MODPOTrainer(copy.deepcopy(model), args=config(tmp_path, weights=[0.6, 0.4]), train_dataset=data,
