@@ -8,9 +8,11 @@ second, real process. docs/reliability.md lists them ("Output folders, locks and
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,28 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once(capsys, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
     code, stdout, _ = run(capsys, "dpo", "--config", config(tmp_path, base, out))  # once the other is done
     assert code == 0 and (out / "model.safetensors").exists()
+
+
+def test_two_runs_into_one_folder_one_proceeds_the_other_is_refused(capsys, tmp_path, base):
+    """Two real `modpo dpo` runs into one output_dir: the first (a separate process) trains; the second, started
+    while the first holds the folder, is refused in one line and writes nothing; the first finishes normally."""
+    out = tmp_path / "shared_out"
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first_config = config(tmp_path / "a", base, out, max_steps=40, logging_steps=1000)
+    second_config = config(tmp_path / "b", base, out)
+    first = subprocess.Popen([sys.executable, "-m", "modpo.cli", "dpo", "--config", first_config],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while not (out / LOCK_FILE).exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()
+    code, stdout, err = run(capsys, "dpo", "--config", second_config)
+    first_out, first_err = first.communicate(timeout=300)
+    assert code == 2 and stdout == "" and "is in use by another modpo run" in one_error(err)
+    assert first.returncode == 0, first_err
+    assert first_out.strip().splitlines()[-1] == f"saved to {out}" and (out / "model.safetensors").exists()
 
 
 def test_a_cache_entry_being_computed_elsewhere_is_waited_for_not_recomputed(tmp_path, monkeypatch):
