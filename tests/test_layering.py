@@ -22,7 +22,7 @@ LAYERS = [
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
     ("loading and settings", ["models", "config", "run_config", "distributed_precompute"]),
-    ("precompute", ["reference", "margins", "margin_specs", "demo.task"]),
+    ("precompute", ["reference", "margins", "margin_specs", "demo.task", "demo.optimum"]),
     ("trainer", ["trainer"]),
     ("stages", ["stages", "front.generate", "front.report"]),
     ("fronts", ["front.evaluators", "front.sweep"]),

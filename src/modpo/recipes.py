@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 
 from modpo.errors import ConfigError
+from modpo.front.sweep import run_front
+from modpo.models import materialize
 from modpo.run_config import FrontConfig, StageConfig, from_dict, read_yaml
+from modpo.stages import STAGES
 
 logger = logging.getLogger(__name__)
 SHIPPED = Path(__file__).parent / "recipes"
@@ -140,10 +143,6 @@ def run_recipe(name: str, overrides: dict | None = None, only: list[str] | None 
     `overwrite` and `resume` go to every training stage as on its own command line; `resume` continues a
     stage whose output_dir holds checkpoints and starts the others afresh.
     """
-    from modpo.front.sweep import run_front
-    from modpo.models import materialize
-    from modpo.stages import STAGES
-
     unknown = sorted(set(only or ()) - set(COMMANDS))
     if unknown:
         raise ConfigError(f"--only: unknown command(s) {', '.join(unknown)} ({', '.join(COMMANDS)})")

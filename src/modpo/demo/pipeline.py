@@ -16,6 +16,7 @@ from pathlib import Path
 
 from modpo.cache import stable_hash, write_atomic
 from modpo.demo import task
+from modpo.demo.optimum import exact_optimum
 from modpo.errors import ConfigError
 from modpo.front.sweep import run_front
 from modpo.models import tiny_causal_lm
@@ -90,7 +91,8 @@ def run_demo(output_dir: str = "runs/demo", weights=DEFAULT_WEIGHTS, seed: int =
                     "temperature": 1.0, "seed": seed, "evaluators": [{"type": "demo_exact"}],
                     "reference_point": [0.0, 0.0], "extra_models": {"sft": str(sft)}},
     )
-    report = run_front(front, overwrite=overwrite,
+    optimum = exact_optimum(str(sft), front.evaluation["prompts"], beta)  # under the SFT model, the reference
+    report = run_front(front, overwrite=overwrite, optimum=optimum,
                        title="Demo front: MODPO, w = (w_helpful, w_harmless)")
     report["demo_wall_seconds"] = round(time.time() - started, 1)
     return report

@@ -93,8 +93,11 @@ def _run_hash(model_dir: Path) -> str | None:
     return _read_record(model_dir / "modpo_run.json").get("config_hash")
 
 
-def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front") -> dict:
-    """Train (or reuse) every point, evaluate it, write the report folder; returns the report document."""
+def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front", optimum=None) -> dict:
+    """Train (or reuse) every point, evaluate it, write the report folder; returns the report document.
+
+    `optimum`, where the caller knows it: a callable from a weight vector to the best value of every evaluated
+    objective, reported against the front (`modpo.front.report.optimum_section`)."""
 
     unknown = set(cfg.evaluation) - EVALUATION_KEYS
     if unknown:
@@ -137,4 +140,4 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
             "training_margin_sources": cfg.train.get("margins", []) or "chosen_margins/rejected_margins columns",
             "num_prompts": len(prompts), "wall_seconds": round(time.time() - started, 2),
             "reference_point_rule": "given" if evaluation.get("reference_point") else "per-objective minimum over points"}
-    return write_report(out, points, objectives, list(reference), meta, title)
+    return write_report(out, points, objectives, list(reference), meta, title, optimum)
