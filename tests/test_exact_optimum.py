@@ -1,7 +1,7 @@
 """The demo's exact optimum (modpo.demo.optimum) against a brute-force computation, and the report's optimum section.
 
 The brute force scores every response of every topic with its own forward passes (one per 3-word prefix, an
-explicit softmax over the vocabulary at each position), weighs each response by a loop in plain floats with
+explicit softmax over the vocabulary less eos at each position, as sampling with min_new_tokens draws), weighs each response by a loop in plain floats with
 exp(w . r / (beta T)) using the task's own `rewards`, and adds the malformed mass with reward 0.
 """
 
@@ -36,6 +36,7 @@ def brute_force_logps(model, tokenizer) -> dict[tuple[str, tuple[str, ...]], flo
         prefixes = list(itertools.product(range(task.NUM_WORDS), repeat=task.RESPONSE_LENGTH - 1))
         ids = torch.tensor([[topic_id] + [word_ids[i] for i in prefix] for prefix in prefixes])
         logits = model(input_ids=ids).logits.double()
+        logits[..., tokenizer.eos_token_id] = -math.inf  # barred, as sampling bars it for the response's length
         probs = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)  # explicit softmax per position
         for row, prefix in enumerate(prefixes):
             head = sum(math.log(probs[row, j, word_ids[i]].item()) for j, i in enumerate(prefix))

@@ -46,18 +46,43 @@ def reward_table() -> torch.Tensor:
     return torch.stack([per_word[t][responses].mean(dim=1) for t in range(task.NUM_TOPICS)])
 
 
-def reference_logps(model, tokenizer, batch_size: int = 2048) -> torch.Tensor:
-    """log pi_ref(y | topic) of every response under every topic: (NUM_TOPICS, responses), float64.
+def reference_logps(model, tokenizer, batch_size: int = 2048, bar_eos: bool = True) -> torch.Tensor:
+    """log pi(y | topic) of every response under every topic: (NUM_TOPICS, responses), float64.
 
     The prompt ids are those sampling gives the model (`encode_prompt`); a response is its word ids, no eos
-    (the demo trains and samples exactly RESPONSE_LENGTH words).
+    (the demo trains and samples exactly RESPONSE_LENGTH words). With `bar_eos`, as the front samples them
+    (min_new_tokens = RESPONSE_LENGTH): eos is barred at every step, so each step's distribution is renormalised
+    over the other tokens, log pi(y) - sum_t log(1 - pi(eos | x, y_<t)).
     """
     word_ids = tokenizer.convert_tokens_to_ids(task.WORDS)
     responses = [[word_ids[i] for i in r] for r in all_responses()]
     prompts = [encode_prompt(topic, tokenizer) for topic in task.TOPICS]
     logps = batched_sequence_logps(model, [p for p in prompts for _ in responses], responses * len(prompts),
                                    tokenizer.pad_token_id, batch_size=batch_size, desc="optimum log-probs")
-    return logps.double().reshape(len(prompts), len(responses))
+    logps = logps.double().reshape(len(prompts), len(responses))
+    if not bar_eos or tokenizer.eos_token_id is None:
+        return logps
+    return logps - _no_eos_logps(model, tokenizer, prompts, word_ids, batch_size)
+
+
+def _no_eos_logps(model, tokenizer, prompts, word_ids, batch_size) -> torch.Tensor:
+    """sum_t log(1 - pi(eos | x, y_<t)) of every response: (topics, responses), float64."""
+    eos = tokenizer.eos_token_id
+    prefixes = [p for n in range(task.RESPONSE_LENGTH) for p in itertools.product(range(task.NUM_WORDS), repeat=n)]
+    index = {p: i for i, p in enumerate(prefixes)}
+    ids = [[word_ids[i] for i in p] for p in prefixes]
+    rows_p = [p for p in prompts for _ in ids]
+    with_eos = batched_sequence_logps(model, rows_p, [r + [eos] for r in ids] * len(prompts), tokenizer.pad_token_id,
+                                      batch_size=batch_size, desc="optimum eos log-probs").double()
+    nonempty = [i for i, r in enumerate(ids * len(prompts)) if r]
+    prefix_logps = torch.zeros(len(rows_p), dtype=torch.float64)
+    prefix_logps[nonempty] = batched_sequence_logps(model, [rows_p[i] for i in nonempty],
+                                                    [(ids * len(prompts))[i] for i in nonempty],
+                                                    tokenizer.pad_token_id, batch_size=batch_size,
+                                                    desc="optimum prefix log-probs").double()
+    stay = torch.log1p(-(with_eos - prefix_logps).exp()).reshape(len(prompts), len(prefixes))  # log(1 - p_eos)
+    steps = torch.tensor([[index[r[:t]] for t in range(task.RESPONSE_LENGTH)] for r in all_responses()])
+    return stay[:, steps].sum(dim=2)
 
 
 def tilted_expectation(logps: torch.Tensor, rewards: torch.Tensor, weights, scale: float,
