@@ -18,7 +18,7 @@ MAX_LINES = 400
 # Bottom first. A batch travels up this table: JSONL -> data.loaders -> data.formats (checks) -> data.encode (ids)
 # -> [precompute: reference, margins] -> batch (layouts) -> logps -> loss, driven by trainer.
 LAYERS = [
-    ("core", ["errors", "loss", "cache", "data.encode", "packing"]),
+    ("core", ["errors", "loss", "cache", "data.encode", "packing", "progress"]),
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
     ("loading and settings", ["models", "config", "run_config", "distributed_precompute"]),

@@ -26,6 +26,7 @@ from modpo.data.loaders import load_dataset_from_config, load_preferences, read_
 from modpo.errors import ConfigError
 from modpo.margin_specs import margin_sources
 from modpo.models import load_model, load_tokenizer, resolve, whole_weights
+from modpo.progress import route_trainer_logs
 from modpo.run_config import StageConfig
 from modpo.trainer import MODPOTrainer
 
@@ -311,6 +312,7 @@ def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> 
     with lora_errors(cfg):
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                              processing_class=tokenizer, peft_config=_lora(cfg, "CAUSAL_LM"))
+    route_trainer_logs(trainer)
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, "sft", started, identity, {})
 
@@ -333,6 +335,7 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     with lora_errors(cfg):
         trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                 processing_class=tokenizer, peft_config=_lora(cfg, "SEQ_CLS"))
+    route_trainer_logs(trainer)
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, "reward", started, identity, {})
 
@@ -358,6 +361,7 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
                            data_names=(train_name, eval_name))
+    route_trainer_logs(trainer)
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, stage, started, identity,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,

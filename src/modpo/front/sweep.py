@@ -93,11 +93,13 @@ def _run_hash(model_dir: Path) -> str | None:
     return _read_record(model_dir / "modpo_run.json").get("config_hash")
 
 
-def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front", optimum=None) -> dict:
+def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front", optimum=None,
+              say=logger.info) -> dict:
     """Train (or reuse) every point, evaluate it, write the report folder; returns the report document.
 
     `optimum`, where the caller knows it: a callable from a weight vector to the best value of every evaluated
-    objective, reported against the front (`modpo.front.report.optimum_section`)."""
+    objective, reported against the front (`modpo.front.report.optimum_section`). `say` gets one line per point
+    with its times (default: the module's logger at INFO)."""
 
     unknown = set(cfg.evaluation) - EVALUATION_KEYS
     if unknown:
@@ -131,9 +133,10 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
         t0 = time.time()
         run_dir = run_preference(stage, "train", overwrite=overwrite)
         run = json.loads((run_dir / "modpo_run.json").read_text())
-        logger.info("point %s trained or reused in %.1fs", name, time.time() - t0)
+        t1 = time.time()
         points.append(evaluate_model(run_dir, name, weights, prompts, settings, evaluators,
                                      {"train_seconds": run.get("wall_seconds")}))
+        say(f"point {name}: trained or reused in {t1 - t0:.1f} s, sampled and scored in {time.time() - t1:.1f} s")
     objectives = tuple(o for o in points[0] if isinstance(points[0][o], dict) and "mean" in points[0][o])
     reference = evaluation.get("reference_point") or [min(p[o]["mean"] for p in points) for o in objectives]
     meta = {"sampling": settings.record(), "evaluators": [e.describe() for e in evaluators],
