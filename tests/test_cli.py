@@ -307,7 +307,8 @@ def test_demo(capsys, tmp_path):
     assert (folder / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (folder / "front.md").read_text()
     assert table.strip() in stdout and "Demo finished in" in stdout
-    rows = [line.split("|")[1].strip() for line in table.splitlines()
+    front_table = table.split("\n\n")[0]  # the front's table; the optimum's follows it
+    rows = [line.split("|")[1].strip() for line in front_table.splitlines()
             if line.startswith("| ") and not line.startswith("| point")]
     assert rows == ["sft", "w0.2_0.8", "w0.8_0.2"]
     doc = json.loads((folder / "front.json").read_text())

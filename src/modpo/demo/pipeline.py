@@ -14,6 +14,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from modpo.cache import stable_hash, write_atomic
 from modpo.demo import task
 from modpo.demo.optimum import exact_optimum
@@ -82,8 +84,20 @@ class _Stages:
 
 def run_demo(output_dir: str = "runs/demo", weights=DEFAULT_WEIGHTS, seed: int = 0, beta: float = 0.1,
              overwrite: bool = False, say=logger.info) -> dict:
-    """The whole pipeline; `say` gets one line per stage with its time (default: the module's logger)."""
-    out = Path(output_dir)
+    """The whole pipeline; `say` gets one line per stage with its time (default: the module's logger).
+
+    It runs on one intra-op thread (restored after): the models are tiny, so a second thread only adds
+    synchronisation, and on a machine shared with other jobs it made training steps about 10x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(Path(output_dir), weights, seed, beta, overwrite, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, weights, seed: int, beta: float, overwrite: bool, say) -> dict:
     started = time.time()
     stages = _Stages(say)
     inputs = prepare_inputs(out, seed, overwrite)
