@@ -34,7 +34,7 @@ INIT = {"hidden_size": 64, "layers": 2, "heads": 4, "max_positions": 32}  # the 
 INPUTS_FILE = "inputs.json"
 # The margin model (DPO on harmlessness) and every MODPO point; see docs/results.md, "The demo against the exact
 # optimum", for why these settings.
-MARGIN_TRAINING = {"num_train_epochs": 4, "per_device_train_batch_size": 64, "learning_rate": 3e-3}
+MARGIN_TRAINING = {"num_train_epochs": 8, "per_device_train_batch_size": 64, "learning_rate": 3e-3}
 MODPO_TRAINING = {"num_train_epochs": 4, "per_device_train_batch_size": 64, "learning_rate": 3e-3}
 
 
