@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,6 +18,8 @@ import torch
 import yaml
 
 from modpo.cli import main
+from modpo.demo import task
+from modpo.front.report import hypervolume
 from modpo.errors import ConfigError
 from modpo.run_config import FrontConfig, StageConfig, apply_overrides, load_config
 
@@ -292,13 +295,20 @@ def test_demo(capsys, tmp_path):
     started = time.monotonic()
     code = main(["demo", "--output-dir", str(out), "--weights", "0.2,0.8"])
     elapsed = time.monotonic() - started  # reported, never asserted
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     assert code == 0
+    # one line per stage with its time, no progress bars or printed training logs (those come with -v)
+    for stage in ("SFT (or reused): ", "margin model: DPO on harmlessness (or reused): ", "exact optimum under the "
+                  "SFT model: ", "point w0.2_0.8: trained or reused in ", "point w0.8_0.2: trained or reused in "):
+        assert stage in stdout, stage
+    assert "it/s" not in captured.err and "%|" not in captured.err and "'loss':" not in stdout
     folder = out / "front"
     assert (folder / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (folder / "front.md").read_text()
     assert table.strip() in stdout and "Demo finished in" in stdout
-    rows = [line.split("|")[1].strip() for line in table.splitlines()
+    front_table = table.split("\n\n")[0]  # the front's table; the optimum's follows it
+    rows = [line.split("|")[1].strip() for line in front_table.splitlines()
             if line.startswith("| ") and not line.startswith("| point")]
     assert rows == ["sft", "w0.2_0.8", "w0.8_0.2"]
     doc = json.loads((folder / "front.json").read_text())
@@ -307,4 +317,17 @@ def test_demo(capsys, tmp_path):
     # more weight on helpfulness: more helpful, less harmless
     assert high["helpful"]["mean"] > low["helpful"]["mean"]
     assert high["harmless"]["mean"] < low["harmless"]["mean"]
-    print(f"demo wall time: {elapsed:.1f} s")
+    # the exact optimum beside the front: one optimal point per weight vector, gaps and distances from the points
+    optimum = doc["optimum"]
+    assert [r["name"] for r in optimum["points"]] == ["w0.2_0.8", "w0.8_0.2"] and len(optimum["curve"]) == 41
+    for r in optimum["points"]:
+        got = [points[r["name"]][o]["mean"] for o in task.OBJECTIVES]
+        best = [r["optimum"][o] for o in task.OBJECTIVES]
+        assert r["distance"] == pytest.approx(math.dist(best, got))
+    assert optimum["points"][1]["optimum"]["helpful"] > optimum["points"][0]["optimum"]["helpful"]
+    front_volume = hypervolume([[points[n][o]["mean"] for o in task.OBJECTIVES] for n in ("w0.2_0.8", "w0.8_0.2")],
+                               [0.0, 0.0])
+    assert optimum["fronts"]["MODPO"]["fraction"] == pytest.approx(front_volume / optimum["hypervolume"])
+    assert "Optimum: exact optimum" in table
+    print(f"demo wall time: {elapsed:.1f} s; hypervolume {100 * optimum['fronts']['MODPO']['fraction']:.0f}% of the "
+          "optimum's")

@@ -19,11 +19,11 @@ MAX_LINES = 400
 # -> [precompute: reference, margins] -> batch (layouts) -> logps -> loss, driven by trainer.
 LAYERS = [
     ("core", ["errors", "guard", "loss", "cache", "data.encode", "packing", "settings_check", "margin_scale",
-              "conditioning"]),
+              "conditioning", "progress"]),
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
     ("loading and settings", ["models", "config", "run_config", "distributed_precompute", "preflight"]),
-    ("precompute", ["reference", "margins", "margin_specs", "demo.task", "precompute"]),
+    ("precompute", ["reference", "margins", "margin_specs", "demo.task", "demo.optimum", "precompute"]),
     ("trainer", ["trainer"]),
     ("stages", ["stages", "front.generate", "front.report"]),
     ("fronts", ["front.evaluators", "front.sweep", "front.steer"]),

@@ -17,6 +17,7 @@ from modpo.front.generate import SamplingSettings
 from modpo.front.steer import steer
 from modpo.front.sweep import EVALUATION_KEYS, run_front
 from modpo.guard import last_checkpoint
+from modpo.progress import quiet
 from modpo.recipes import run_recipe, shipped_recipes
 from modpo.run_config import EVALUATION_HELP, FrontConfig, StageConfig, describe, load_config
 from modpo.stages import STAGES
@@ -143,7 +144,8 @@ def _run(args) -> int:
             weights = [float(w) for w in args.weights.split(",")]
         except ValueError:
             raise ModpoError(f"--weights {args.weights!r}: expected comma-separated numbers") from None
-        report = run_demo(args.output_dir, weights, seed=args.seed, beta=args.beta, overwrite=args.overwrite)
+        report = run_demo(args.output_dir, weights, seed=args.seed, beta=args.beta, overwrite=args.overwrite,
+                          say=lambda line: print(line, flush=True))
         _print_report(Path(args.output_dir) / "front", "front", f"Demo finished in {report['demo_wall_seconds']:.0f} s.")
         return 0
     if args.command == "recipe":
@@ -245,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modpo.recipes").setLevel(logging.INFO)  # a recipe's progress, stage by stage
-    if not args.verbose:
+    if not args.verbose:  # no progress bars or printed training logs (ours, datasets', transformers'); -v shows them
         from transformers.utils import logging as hf_logging
 
+        quiet()
         hf_logging.set_verbosity_error()
         import warnings
 

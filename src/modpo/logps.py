@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from modpo.batch import concatenated_inputs, pad, to_device
 from modpo.packing import check_flash_alignment, packed_attention
+from modpo.progress import bar
 
 logger = logging.getLogger(__name__)
 
@@ -227,15 +228,13 @@ def batched_sequence_logps(model, prompt_ids: list, response_ids: list, pad_toke
     Sorting by length keeps padding small and puts any out-of-memory failure at the first batch. The chunked
     head is used where it reproduces the full logits on the first two rows (`chunked_head_agrees`).
     """
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     chunked = chunked and chunked_head_agrees(model, prompt_ids[:2], response_ids[:2], pad_token_id)
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
     out = torch.zeros(len(order), dtype=torch.float32)
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    for start in bar(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         rows = order[start : start + batch_size]
         batch = padded_batch([prompt_ids[i] for i in rows], [response_ids[i] for i in rows], pad_token_id, device)
         out[rows] = sequence_logps(model, chunked=chunked, **batch).float().cpu()
@@ -250,8 +249,6 @@ def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: 
     """(log pi(chosen | prompt), log pi(rejected | prompt)) for many pairs with prefix sharing: each prompt runs once
     (`modpo.packing.pack_shared_prompt`), `batch_size` sequences (batch_size // 2 pairs) per forward, longest first.
     Same values as two `batched_sequence_logps` calls, in fewer token passes. Shapes (N,), fp32, CPU."""
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     chunked = chunked and chunked_head_agrees(model, [*prompt_ids[:1]] * 2, [*chosen_ids[:1], *rejected_ids[:1]],
                                               pad_token_id)
@@ -262,7 +259,7 @@ def batched_pair_logps(model, prompt_ids: list, chosen_ids: list, rejected_ids: 
     was_training = model.training
     model.eval()
     with packed_attention(model, prefix_sharing=True):
-        for start in tqdm(range(0, len(order), pairs_per_batch), desc=desc, unit="batch", leave=False):
+        for start in bar(range(0, len(order), pairs_per_batch), desc=desc, unit="batch", leave=False):
             rows = order[start : start + pairs_per_batch]
             batch = concatenated_inputs([prompt_ids[i] for i in rows], [chosen_ids[i] for i in rows],
                                         [rejected_ids[i] for i in rows], pad_token_id, prefix_sharing=True)

@@ -29,6 +29,7 @@ from modpo.errors import DataError
 from modpo.logps import batched_pair_logps, batched_sequence_logps
 from modpo.margin_scale import check_scale
 from modpo.models import load_model, load_tokenizer, whole_weights
+from modpo.progress import bar
 
 SIDES = ("chosen", "rejected")
 
@@ -247,8 +248,6 @@ class RewardModelMargins(MarginSource):
 
     @torch.inference_mode()
     def score(self, dataset, side):
-        from tqdm.auto import tqdm
-
         # The tokens TRL's RewardTrainer trains on (`modpo.data.encode.sequence_ids`), the end kept when too long.
         sequences = [sequence_ids(p, r, self.tokenizer, self.max_length) for p, r in zip(dataset["prompt"], dataset[side])]
         device = next(self.model.parameters()).device
@@ -258,7 +257,7 @@ class RewardModelMargins(MarginSource):
             self.model.config.pad_token_id = pad_id
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         out = torch.zeros(len(sequences), self.num_objectives)
-        for start in tqdm(range(0, len(order), self.batch_size), desc=f"{self.name} ({side})", leave=False):
+        for start in bar(range(0, len(order), self.batch_size), desc=f"{self.name} ({side})", leave=False):
             rows = order[start : start + self.batch_size]
             input_ids = pad([sequences[i] for i in rows], pad_id).to(device)
             attention_mask = pad([[1] * len(sequences[i]) for i in rows], 0).to(device)

@@ -30,6 +30,7 @@ from modpo.margin_scale import card_lines as margin_card_lines
 from modpo.margin_specs import margin_sources
 from modpo.models import load_model, load_tokenizer, resolve, whole_weights
 from modpo.preflight import guarded_stage
+from modpo.progress import route_trainer_logs
 from modpo.run_config import StageConfig
 from modpo.trainer import MODPOTrainer
 
@@ -332,6 +333,7 @@ def run_sft(cfg: StageConfig, resume: bool = False, overwrite: bool = False) -> 
     with lora_errors(cfg):
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                              processing_class=tokenizer, peft_config=_lora(cfg, "CAUSAL_LM"))
+    route_trainer_logs(trainer)
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, "sft", started, identity, {})
 
@@ -358,6 +360,7 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     with lora_errors(cfg):
         trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                                 processing_class=tokenizer, peft_config=_lora(cfg, "SEQ_CLS"))
+    route_trainer_logs(trainer)
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, "reward", started, identity, {})
 
@@ -384,6 +387,7 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     trainer = MODPOTrainer(model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=evaluation,
                            processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
                            data_names=(train_name, eval_name))
+    route_trainer_logs(trainer)
     trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
     return finish(trainer, cfg, stage, started, identity,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,

@@ -14,8 +14,11 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from modpo.cache import stable_hash, write_atomic
 from modpo.demo import task
+from modpo.demo.optimum import exact_optimum
 from modpo.errors import ConfigError
 from modpo.front.sweep import run_front
 from modpo.models import tiny_causal_lm
@@ -29,6 +32,10 @@ COMMON = {"report_to": [], "save_strategy": "no", "logging_steps": 50, "lr_sched
           "disable_tqdm": True, "use_cpu": True, "dataloader_num_workers": 0}
 INIT = {"hidden_size": 64, "layers": 2, "heads": 4, "max_positions": 32}  # the initial model's shape
 INPUTS_FILE = "inputs.json"
+# The margin model (DPO on harmlessness) and every MODPO point; see docs/results.md, "The demo against the exact
+# optimum", for why these settings.
+MARGIN_TRAINING = {"num_train_epochs": 8, "per_device_train_batch_size": 64, "learning_rate": 3e-3}
+MODPO_TRAINING = {"num_train_epochs": 4, "per_device_train_batch_size": 64, "learning_rate": 3e-3}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -63,26 +70,54 @@ def prepare_inputs(out: Path, seed: int, overwrite: bool = False) -> dict[str, s
     return paths
 
 
+class _Stages:
+    """One line per stage with its time, to `say`."""
+
+    def __init__(self, say):
+        self.say, self.last = say, time.time()
+
+    def done(self, what: str) -> None:
+        now = time.time()
+        self.say(f"{what}: {now - self.last:.1f} s")
+        self.last = now
+
+
 def run_demo(output_dir: str = "runs/demo", weights=DEFAULT_WEIGHTS, seed: int = 0, beta: float = 0.1,
-             overwrite: bool = False) -> dict:
-    out = Path(output_dir)
+             overwrite: bool = False, say=logger.info) -> dict:
+    """The whole pipeline; `say` gets one line per stage with its time (default: the module's logger).
+
+    It runs on one intra-op thread (restored after): the models are tiny, so a second thread only adds
+    synchronisation, and on a machine shared with other jobs it made training steps about 10x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(Path(output_dir), weights, seed, beta, overwrite, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, weights, seed: int, beta: float, overwrite: bool, say) -> dict:
     started = time.time()
+    stages = _Stages(say)
     inputs = prepare_inputs(out, seed, overwrite)
+    stages.done("data and initial model")
     sft_data, helpful, harmless, init = inputs["sft"], inputs["helpful"], inputs["harmless"], inputs["init"]
 
     sft = run_sft(StageConfig(model=init, output_dir=str(out / "sft"), train_data=sft_data, training={
         **COMMON, "num_train_epochs": 4, "per_device_train_batch_size": 64, "learning_rate": 3e-3,
         "max_length": 32, "seed": seed}), overwrite=overwrite)
+    stages.done("SFT (or reused)")
     # Responses are exactly RESPONSE_LENGTH words: no eos is scored, and sampling draws exactly that many.
-    preference_training = {**COMMON, "num_train_epochs": 2, "per_device_train_batch_size": 32, "append_eos": False,
-                           "learning_rate": 3e-4, "beta": beta, "max_length": 32, "seed": seed}
-    margin_model = run_preference(StageConfig(model=str(sft), output_dir=str(out / "harmless_dpo"),
-                                              train_data=harmless, training=preference_training),
+    preference_training = {**COMMON, "append_eos": False, "beta": beta, "max_length": 32, "seed": seed}
+    margin_model = run_preference(StageConfig(model=str(sft), output_dir=str(out / "harmless_dpo"), train_data=harmless,
+                                              training={**preference_training, **MARGIN_TRAINING}),
                                   "dpo", overwrite=overwrite)
+    stages.done("margin model: DPO on harmlessness (or reused)")
     front = FrontConfig(
         output_dir=str(out / "front"),
         weights=[[w, round(1 - w, 6)] for w in weights],
-        train={"model": str(sft), "train_data": helpful, "training": preference_training,
+        train={"model": str(sft), "train_data": helpful, "training": {**preference_training, **MODPO_TRAINING},
                "margins": [{"type": "implicit_reward", "model": str(margin_model), "ref_model": str(sft), "beta": beta,
                             "append_eos": False}]},
         evaluation={"prompts": task.eval_prompts(64, seed + 3), "samples_per_prompt": 4,
@@ -90,7 +125,10 @@ def run_demo(output_dir: str = "runs/demo", weights=DEFAULT_WEIGHTS, seed: int =
                     "temperature": 1.0, "seed": seed, "evaluators": [{"type": "demo_exact"}],
                     "reference_point": [0.0, 0.0], "extra_models": {"sft": str(sft)}},
     )
-    report = run_front(front, overwrite=overwrite,
+    optimum = exact_optimum(str(sft), front.evaluation["prompts"], beta)  # under the SFT model, the reference
+    stages.done("exact optimum under the SFT model")
+    report = run_front(front, overwrite=overwrite, optimum=optimum, say=say,
                        title="Demo front: MODPO, w = (w_helpful, w_harmless)")
+    stages.done("front (MODPO points, sampling, report)")
     report["demo_wall_seconds"] = round(time.time() - started, 1)
     return report

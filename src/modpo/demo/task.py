@@ -25,6 +25,7 @@ NUM_WORDS = 10
 RESPONSE_LENGTH = 4
 TOPICS = [f"topic{t}" for t in range(NUM_TOPICS)]
 WORDS = [f"word{i}" for i in range(NUM_WORDS)]
+PREFERENCE_TEMPERATURE = 0.1  # Bradley-Terry temperature T of the labels: their DPO-scale reward is r / T
 _TRADE_OFF_SLOTS = 8
 _SLOT_REWARDS = [
     (math.sin(theta), math.cos(theta))
@@ -71,7 +72,8 @@ def sft_rows(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": rng.choice(TOPICS), "completion": " " + base_response(rng)} for _ in range(n)]
 
 
-def preference_rows(n: int, objective: str, seed: int = 0, temperature: float = 0.1) -> list[dict]:
+def preference_rows(n: int, objective: str, seed: int = 0,
+                    temperature: float = PREFERENCE_TEMPERATURE) -> list[dict]:
     """Pairs of base responses, chosen by Bradley-Terry on `objective`'s exact reward / temperature.
 
     Each row also carries every objective's exact reward of both responses (`chosen_<objective>`, ...).

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from modpo.data.encode import encode_prompt
+from modpo.progress import bar
 
 
 @dataclass
@@ -36,7 +36,7 @@ def sample_responses(model, tokenizer, prompts: list, settings: SamplingSettings
     jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.samples_per_prompt)]
     pad_id = tokenizer.pad_token_id
     results = []
-    for start in tqdm(range(0, len(jobs), settings.batch_size), desc=desc, unit="batch", leave=False):
+    for start in bar(range(0, len(jobs), settings.batch_size), desc=desc, unit="batch", leave=False):
         batch = jobs[start : start + settings.batch_size]
         torch.manual_seed(settings.seed + start)  # reproducible per batch, independent of earlier batches
         width = max(len(encoded[i]) for i, _ in batch)  # left-padded: every prompt ends where generation starts

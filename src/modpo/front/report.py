@@ -67,6 +67,48 @@ def front_statistics(points: list[dict], objectives: tuple[str, ...], reference:
             "reference_point": reference}
 
 
+def optimum_section(points: list[dict], objectives: tuple[str, ...], reference: list[float], optimum,
+                    curve_size: int = 41) -> dict:
+    """The front against a known optimum: `optimum(weights)` gives the best value of every objective at a weight
+    vector (plain data from whoever knows it, e.g. the demo's exact optimum).
+
+    Per weighted point its optimal point, the gap per objective and the Euclidean distance; the hypervolume of
+    the optimal points at the front's weights, and the front's (weighted points only) as a fraction of it; for
+    two objectives the optimal curve at `curve_size` weights (w, 1 - w), w from 0 to 1.
+    """
+    weighted = [p for p in points if p.get("weights") is not None]
+    rows = []
+    for p in weighted:
+        best, got = list(optimum(p["weights"])), [p[o]["mean"] for o in objectives]
+        rows.append({"name": p["name"], "weights": p["weights"], "optimum": dict(zip(objectives, best)),
+                     "gap": {o: b - g for o, b, g in zip(objectives, best, got)},
+                     "distance": math.dist(best, got)})
+    best_volume = hypervolume([list(r["optimum"].values()) for r in rows], reference)
+    volume = hypervolume([[p[o]["mean"] for o in objectives] for p in weighted], reference)
+    curve = []
+    if len(objectives) == 2:
+        for i in range(curve_size):
+            w = [i / (curve_size - 1), 1 - i / (curve_size - 1)]
+            curve.append({"weights": w, **dict(zip(objectives, optimum(w)))})
+    describe = getattr(optimum, "describe", None)
+    return {"description": describe() if describe else "given optimum", "points": rows,
+            "hypervolume": best_volume, "reference_point": reference,
+            "fronts": {"MODPO": {"hypervolume": volume, "fraction": volume / best_volume if best_volume else None}},
+            "curve": curve}
+
+
+def optimum_table(section: dict, objectives: tuple[str, ...]) -> str:
+    rows = [f"| point | {' | '.join(f'optimal {o} (gap)' for o in objectives)} | distance |",
+            "|" + "---|" * (len(objectives) + 2)]
+    for r in section["points"]:
+        cells = [f"{r['optimum'][o]:.3f} ({r['gap'][o]:+.3f})" for o in objectives]
+        rows.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['distance']:.3f} |")
+    front = section["fronts"]["MODPO"]
+    fraction = f" ({100 * front['fraction']:.0f}% of it)" if front["fraction"] is not None else ""
+    return ("\n".join(rows) + f"\n\nOptimum: {section['description']}. Its hypervolume at the front's weights is "
+            f"{section['hypervolume']:.4f}; the MODPO points' {front['hypervolume']:.4f}{fraction}.\n")
+
+
 def table(points: list[dict], objectives: tuple[str, ...], non_dominated_names: list[str]) -> str:
     """A markdown table: one row per point, mean ± standard error per objective."""
     head = "| point | weights | " + " | ".join(objectives) + " | non-dominated |"
@@ -79,8 +121,10 @@ def table(points: list[dict], objectives: tuple[str, ...], non_dominated_names: 
     return "\n".join(rows)
 
 
-def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path: Path, title: str) -> None:
-    """Scatter of the first two objectives, one series per method, points labelled by weights."""
+def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path: Path, title: str,
+                optimum: dict | None = None) -> None:
+    """Scatter of the first two objectives, one series per method, points labelled by weights; with an
+    `optimum_section`, its curve and its optimal point at each weight vector of the front."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,6 +147,11 @@ def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path
             for p, x, y in zip(points, xs, ys):  # weight vectors, or the name of a reference model (e.g. sft)
                 label = "w=" + ",".join(f"{w:g}" for w in p["weights"]) if p.get("weights") is not None else p["name"]
                 ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    if optimum and optimum.get("curve") and x_name != "point":
+        ax.plot([c[x_name] for c in optimum["curve"]], [c[y_name] for c in optimum["curve"]], color="0.5",
+                linewidth=1, label="exact optimum")
+        ax.scatter([r["optimum"][x_name] for r in optimum["points"]], [r["optimum"][y_name] for r in optimum["points"]],
+                   marker="x", color="0.3", zorder=3, label="optimum at the front's weights")
     ax.set_xlabel(f"{x_name} (higher is better)")
     ax.set_ylabel(f"{y_name} (higher is better)")
     ax.set_title(title)
@@ -116,11 +165,15 @@ def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path
 
 
 def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], reference: list[float],
-                 meta: dict, title: str = "MODPO front") -> dict:
-    """front.md, front.json, front.csv and front.png in `folder`; returns the JSON document."""
+                 meta: dict, title: str = "MODPO front", optimum=None) -> dict:
+    """front.md, front.json, front.csv and front.png in `folder`; returns the JSON document. With `optimum` (a
+    callable: weights -> best value per objective), the document gains an `optimum` section."""
     folder.mkdir(parents=True, exist_ok=True)
     stats = front_statistics(points, objectives, reference)
+    section = optimum_section(points, objectives, reference, optimum) if optimum is not None else None
     document = {"objectives": list(objectives), "points": points, **stats, **meta}
+    if section is not None:
+        document["optimum"] = section
     text = table(points, objectives, stats["non_dominated"])
     summary = (f"{text}\n\nHypervolume {stats['hypervolume']:.4f} (reference point "
                f"{', '.join(f'{r:g}' for r in reference)}; objectives maximised).\n")
@@ -128,6 +181,8 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
         summary += f"Evaluators: {'; '.join(meta['evaluators'])}.\n"
     if meta.get("training_margin_sources"):
         summary += f"Training margin sources (not used for evaluation): {json.dumps(meta['training_margin_sources'])}.\n"
+    if section is not None:
+        summary += "\n" + optimum_table(section, objectives)
     write_atomic(folder / "front.md", lambda tmp: tmp.write_text(summary))
     write_atomic(folder / "front.json", lambda tmp: tmp.write_text(json.dumps(document, indent=2, default=str)))
     out = io.StringIO()
@@ -137,5 +192,5 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
         writer.writerow([p["name"], " ".join(map(str, p.get("weights") or [])),
                          *[p[o][s] for o in objectives for s in ("mean", "stderr")], p["n"], p["malformed"]])
     write_atomic(folder / "front.csv", lambda tmp: tmp.write_text(out.getvalue()))
-    plot_fronts({"MODPO": points}, objectives, folder / "front.png", title)
+    plot_fronts({"MODPO": points}, objectives, folder / "front.png", title, section)
     return document

@@ -95,8 +95,13 @@ def _run_hash(model_dir: Path) -> str | None:
 
 
 @guarded_front
-def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front", resume: bool = False) -> dict:
-    """Train (or reuse) every point, evaluate it, write the report folder; returns the report document."""
+def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO front", resume: bool = False,
+              optimum=None, say=logger.info) -> dict:
+    """Train (or reuse) every point, evaluate it, write the report folder; returns the report document.
+
+    `optimum`, where the caller knows it: a callable from a weight vector to the best value of every evaluated
+    objective, reported against the front (`modpo.front.report.optimum_section`). `say` gets one line per point
+    with its times (default: the module's logger at INFO)."""
 
     unknown = set(cfg.evaluation) - EVALUATION_KEYS
     if unknown:
@@ -131,13 +136,14 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
         run_dir = run_preference(stage, "train", overwrite=overwrite,
                                  resume=resume and any(Path(stage.output_dir).glob("checkpoint-*")))
         run = json.loads((run_dir / "modpo_run.json").read_text())
-        logger.info("point %s trained or reused in %.1fs", name, time.time() - t0)
+        t1 = time.time()
         points.append(evaluate_model(run_dir, name, weights, prompts, settings, evaluators,
                                      {"train_seconds": run.get("wall_seconds")}))
+        say(f"point {name}: trained or reused in {t1 - t0:.1f} s, sampled and scored in {time.time() - t1:.1f} s")
     objectives = tuple(o for o in points[0] if isinstance(points[0][o], dict) and "mean" in points[0][o])
     reference = evaluation.get("reference_point") or [min(p[o]["mean"] for p in points) for o in objectives]
     meta = {"sampling": settings.record(), "evaluators": [e.describe() for e in evaluators],
             "training_margin_sources": cfg.train.get("margins", []) or "chosen_margins/rejected_margins columns",
             "num_prompts": len(prompts), "wall_seconds": round(time.time() - started, 2),
             "reference_point_rule": "given" if evaluation.get("reference_point") else "per-objective minimum over points"}
-    return write_report(out, points, objectives, list(reference), meta, title)
+    return write_report(out, points, objectives, list(reference), meta, title, optimum)
