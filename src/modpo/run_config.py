@@ -55,6 +55,12 @@ class FrontConfig:
     output_dir: str = field(metadata={"help": "Report folder; each point trains into output_dir/points/<name>."})
     weights: list = field(metadata={"help": "Weight vectors, e.g. [[0.1, 0.9], [0.5, 0.5], [0.9, 0.1]]."})
     evaluation: dict = field(default_factory=dict, metadata={"help": "Sampling and scoring settings (keys below)."})
+    conditioned: dict = field(default_factory=dict, metadata={"help": "Also train ONE weight-conditioned model "
+                                                                      "(training keys, e.g. {weight_sampling: "
+                                                                      "dirichlet}) and evaluate it at every weight "
+                                                                      "vector; empty: none."})
+    conditioned_weights: list = field(default_factory=list, metadata={"help": "The weight vectors to evaluate the "
+                                                                              "conditioned model at (default: weights)."})
 
 
 EVALUATION_HELP = {

@@ -169,11 +169,20 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
     """front.md, front.json, front.csv and front.png in `folder`; returns the JSON document. With `optimum` (a
     callable: weights -> best value per objective), the document gains an `optimum` section."""
     folder.mkdir(parents=True, exist_ok=True)
+    # The per-weight MODPO front (and any extra models) as before; a weight-conditioned model's points (`method`
+    # "conditioned") are their own front, reported beside it under `methods`.
+    conditioned = [p for p in points if p.get("method") == "conditioned"]
+    points = [p for p in points if p.get("method") != "conditioned"]
     stats = front_statistics(points, objectives, reference)
     section = optimum_section(points, objectives, reference, optimum) if optimum is not None else None
-    document = {"objectives": list(objectives), "points": points, **stats, **meta}
+    document = {"objectives": list(objectives), "points": points + conditioned, **stats, **meta}
     if section is not None:
         document["optimum"] = section
+    if conditioned:
+        document["methods"] = {"modpo": {k: stats[k] for k in ("hypervolume", "non_dominated")},
+                               "conditioned": front_statistics(conditioned, objectives, reference)}
+        if optimum is not None:
+            document["methods"]["conditioned"]["optimum"] = optimum_section(conditioned, objectives, reference, optimum)
     text = table(points, objectives, stats["non_dominated"])
     summary = (f"{text}\n\nHypervolume {stats['hypervolume']:.4f} (reference point "
                f"{', '.join(f'{r:g}' for r in reference)}; objectives maximised).\n")
@@ -183,14 +192,22 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
         summary += f"Training margin sources (not used for evaluation): {json.dumps(meta['training_margin_sources'])}.\n"
     if section is not None:
         summary += "\n" + optimum_table(section, objectives)
+    if conditioned:
+        c = document["methods"]["conditioned"]
+        summary += (f"\nOne weight-conditioned model, trained once, at {len(conditioned)} weight vectors:\n\n"
+                    f"{table(conditioned, objectives, c['non_dominated'])}\n\nHypervolume {c['hypervolume']:.4f} "
+                    f"(the per-weight MODPO front: {stats['hypervolume']:.4f}).\n")
+        if "optimum" in c:
+            summary += "\n" + optimum_table(c["optimum"], objectives)
     write_atomic(folder / "front.md", lambda tmp: tmp.write_text(summary))
     write_atomic(folder / "front.json", lambda tmp: tmp.write_text(json.dumps(document, indent=2, default=str)))
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["point", "weights", *[f"{o}_{s}" for o in objectives for s in ("mean", "stderr")], "n", "malformed"])
-    for p in points:
+    for p in points + conditioned:
         writer.writerow([p["name"], " ".join(map(str, p.get("weights") or [])),
                          *[p[o][s] for o in objectives for s in ("mean", "stderr")], p["n"], p["malformed"]])
     write_atomic(folder / "front.csv", lambda tmp: tmp.write_text(out.getvalue()))
-    plot_fronts({"MODPO": points}, objectives, folder / "front.png", title, section)
+    fronts = {"MODPO": points, **({"MODPO, one conditioned model": conditioned} if conditioned else {})}
+    plot_fronts(fronts, objectives, folder / "front.png", title, section)
     return document

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from modpo.cache import stable_hash, write_atomic
+from modpo.conditioning import check_request, condition_ids
 from modpo.errors import ConfigError
 from modpo.front.evaluators import build_evaluators, score_samples
 from modpo.front.generate import SamplingSettings, sample_responses
@@ -55,12 +56,14 @@ def extra_model_record(front_dir: Path, model: str | Path) -> Path:
 
 
 def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: SamplingSettings, evaluators,
-                   extra: dict | None = None, record_file: Path | None = None) -> dict:
+                   extra: dict | None = None, record_file: Path | None = None, condition: list | None = None) -> dict:
     """Sample `model_dir` on `prompts` and score; reuses the record (default `model_dir/evaluation.json`) if it
-    matches the prompts, sampling settings, evaluators and the model's run."""
+    matches the prompts, sampling settings, evaluators and the model's run. `condition`: the weights a
+    weight-conditioned model is steered to (`modpo.conditioning`)."""
 
     key = stable_hash({"prompts": prompts, "settings": settings.record(), "model": str(model_dir),
-                       "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators]})
+                       "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators],
+                       "condition": condition})
     record_file = record_file or model_dir / EVAL_FILE
     record = _read_record(record_file)
     if record.get("key") == key and "point" in record:
@@ -68,7 +71,8 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     started = time.time()
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir)).to("cuda" if torch.cuda.is_available() else "cpu")
-    samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}")
+    prefix = condition_ids(condition, tokenizer) if condition is not None else None
+    samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}", prefix=prefix)
     scores, malformed, objectives = score_samples(evaluators, samples)
     point = summarize(name, weights, scores, objectives, malformed,
                       {"sampling_seconds": round(time.time() - started, 2), **(extra or {})})
@@ -138,8 +142,11 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
         run = json.loads((run_dir / "modpo_run.json").read_text())
         t1 = time.time()
         points.append(evaluate_model(run_dir, name, weights, prompts, settings, evaluators,
-                                     {"train_seconds": run.get("wall_seconds")}))
+                                     {"method": "modpo", "train_seconds": run.get("wall_seconds"),
+                                      "margin_scales": run.get("margin_scales")}))
         say(f"point {name}: trained or reused in {t1 - t0:.1f} s, sampled and scored in {time.time() - t1:.1f} s")
+    if cfg.conditioned:
+        points += conditioned_points(cfg, out, prompts, settings, evaluators, overwrite, say)
     objectives = tuple(o for o in points[0] if isinstance(points[0][o], dict) and "mean" in points[0][o])
     reference = evaluation.get("reference_point") or [min(p[o]["mean"] for p in points) for o in objectives]
     meta = {"sampling": settings.record(), "evaluators": [e.describe() for e in evaluators],
@@ -147,3 +154,29 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
             "num_prompts": len(prompts), "wall_seconds": round(time.time() - started, 2),
             "reference_point_rule": "given" if evaluation.get("reference_point") else "per-objective minimum over points"}
     return write_report(out, points, objectives, list(reference), meta, title, optimum)
+
+
+def conditioned_points(cfg: FrontConfig, out: Path, prompts, settings, evaluators, overwrite: bool, say) -> list[dict]:
+    """One weight-conditioned model, trained once (`out/conditioned`), evaluated at every weight vector asked for."""
+    train = dict(cfg.train)
+    train["training"] = {**train.get("training", {}), **cfg.conditioned, "weights": cfg.weights[0]}
+    train["output_dir"] = str(out / "conditioned")
+    stage = from_dict(StageConfig, train, "front: conditioned")
+    t0 = time.time()
+    run_dir = run_preference(stage, "train", overwrite=overwrite)
+    run = json.loads((run_dir / "modpo_run.json").read_text())
+    say(f"conditioned model: trained or reused in {time.time() - t0:.1f} s")
+    points = []
+    for weights in cfg.conditioned_weights or cfg.weights:
+        try:
+            grid = check_request(weights, len(cfg.weights[0]))
+        except ValueError as err:
+            raise ConfigError(f"conditioned_weights: {err}") from None
+        name = "conditioned_" + point_name(grid)
+        t1 = time.time()
+        points.append(evaluate_model(run_dir, name, grid, prompts, settings, evaluators,
+                                     {"method": "conditioned", "train_seconds": run.get("wall_seconds"),
+                                      "token_counts": run.get("token_counts")},
+                                     record_file=out / "conditioned_evaluations" / f"{name}.json", condition=grid))
+        say(f"point {name}: sampled and scored in {time.time() - t1:.1f} s")
+    return points
