@@ -22,7 +22,7 @@ LAYERS = [
               "conditioning", "progress"]),
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
-    ("loading and settings", ["models", "config", "run_config", "distributed_precompute", "preflight"]),
+    ("loading and settings", ["models", "config", "run_config", "run_records", "distributed_precompute", "preflight"]),
     ("precompute", ["reference", "margins", "margin_specs", "demo.task", "demo.optimum", "precompute"]),
     ("trainer", ["trainer"]),
     ("stages", ["stages", "front.generate", "front.report"]),
