@@ -128,14 +128,25 @@ def test_shipped_recipe_data_is_found_through_data_dir(monkeypatch, tmp_path, na
                                           rf"on the command line \(modpo recipe {name} data_dir=\.\.\.\)$"):
         load_recipe(name)
     _, stages = load_recipe(name, {"data_dir": "/nowhere"}, only=["materialize"])  # only running stages need data
-    file = Path(stages[1][1].train_data["path"]).name
+    paths = recipe_data_paths(stages)
+    assert paths and all(Path(p).parent == Path("/nowhere") for p in paths)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    (data_dir / file).touch()
+    for path in paths:
+        (data_dir / Path(path).name).touch()
     _, stages = load_recipe(name, {"data_dir": str(data_dir)})
-    paths = [cfg.train_data["path"] for command, cfg in stages if command in ("dpo", "reward")]
-    paths += [stages[-1][1].train["train_data"]["path"], stages[-1][1].evaluation["prompts"]["path"]]
-    assert len(paths) == 5 and set(paths) == {str(data_dir / file)}
+    assert {Path(p).parent for p in recipe_data_paths(stages)} == {data_dir}
+
+
+def recipe_data_paths(stages) -> list[str]:
+    """The data files of a recipe's training stages and fronts (train data, eval data, evaluation prompts)."""
+    paths = []
+    for command, cfg in stages:
+        specs = [] if command == "materialize" else (
+            [cfg.train.get("train_data"), cfg.train.get("eval_data"), cfg.evaluation.get("prompts")]
+            if command == "front" else [cfg.train_data, cfg.eval_data])
+        paths += [spec["path"] for spec in specs if isinstance(spec, dict)]
+    return paths
 
 
 # ----------------------------------------------------------------------------- --overwrite and --resume
