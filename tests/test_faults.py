@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
+from modpo.guard import LOCK_FILE  # the run's lock, kept as the folder's mark
 from tiny import run_cli as cli, write_jsonl, write_yaml
 from modpo.cli import main
 from modpo.demo import task
@@ -371,7 +372,7 @@ def test_non_finite_loss_stops_training_naming_step_and_rows(capsys, tmp_path, m
     assert sorted(texts[r - 1] for r in named) == decoded
     assert len(named) == pairs_in_batch and all(1 <= r <= len(rows) for r in named)
     if checkpoints:  # steps 1 and 2 were saved before step 3 failed; no final model, no run record
-        assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+        assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == ["checkpoint-1", "checkpoint-2"]
         assert (out / "checkpoint-2" / "trainer_state.json").exists()
     else:
         assert not out.exists(), "the failed run left its output folder behind"

@@ -474,7 +474,7 @@ def test_trainer_errors_name_the_file_line_after_split_and_limit(tmp_path):
     data = load_dataset_from_config({**spec, "split": split, "limit": position + 1})
     assert data["source_row"] == [line_of[prompt] for prompt in data["prompt"]]
     with pytest.raises(DataError, match="max_length") as error:
-        tokenize_preferences(data, tiny.tokenizer(), max_length=6, file=str(path))
+        tokenize_preferences(data, tiny.tokenizer(), max_length=6, file=str(path), long_prompts="refuse")
     assert_names(error, path, line_of[too_long], "prompt")
 
 
