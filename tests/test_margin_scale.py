@@ -59,6 +59,13 @@ def test_scale_settings():
     assert standard.factors[0] == pytest.approx(1 / statistics.pstdev([2.0, -1.0, 4.0]))
     with pytest.raises(ValueError, match="zero spread"):
         measure(chosen, chosen, ["m"], ["standardize"])
+    # robust: divided by the median |difference|, which one outlying pair does not move as it moves the std
+    outlier_c, outlier_r = torch.tensor([[3.0], [1.0], [6.0], [600.0]]), torch.tensor([[1.0], [2.0], [2.0], [0.0]])
+    _, _, robust = measure(outlier_c, outlier_r, ["m"], ["robust"])
+    assert robust.scaled[0]["median_abs"] == pytest.approx(1.0)
+    assert robust.factors[0] == pytest.approx(1 / statistics.median([2.0, 1.0, 4.0, 600.0]))
+    _, _, standard = measure(outlier_c, outlier_r, ["m"], ["standardize"])
+    assert standard.scaled[0]["median_abs"] < 0.02  # the std the outlier inflates shrinks the typical pair
 
 
 @pytest.mark.skipif(not ULTRAFEEDBACK.exists(), reason="../shared/data is absent")

@@ -8,8 +8,9 @@ a raw token count or a reward model's logit need not be.
 * Measure: `difference_statistics` gives, per margin objective, the distribution of dm_k over the training pairs.
 * Warn: `weight_warnings` names every objective whose weighted difference |w_k dm_k| typically dwarfs (> 10 x)
   or vanishes against (< 0.01 x) the preference objective's w_0 x O(1), and says what to set instead.
-* Normalise: a source's `scale` is `none` (the math as written), a number c (r_k -> c r_k), or `standardize`
-  (r_k -> r_k / sigma_k, sigma_k = std of dm_k over the training pairs). The optimum is then
+* Normalise: a source's `scale` is `none` (the math as written), a number c (r_k -> c r_k), `standardize`
+  (r_k -> r_k / sigma_k, sigma_k = std of dm_k over the training pairs), or `robust` (r_k divided by the median
+  of |dm_k|, which one outlying pair does not inflate as it does the std). The optimum is then
   pi_ref exp((w_0 r_0 + sum_k w_k c_k r_k) / beta) with c_k the factor in `MarginScales.factors`; the run
   record keeps them, so a front's weights say what they mean. Evaluation scores stay raw.
 """
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-SCALES = ("none", "standardize")
+SCALES = ("none", "standardize", "robust")
 DWARFS, VANISHES = 10.0, 0.01  # |w_k dm_k| / w_0, typical (median) value
 
 
@@ -31,7 +32,7 @@ def check_scale(scale) -> str | float:
         return scale
     if isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0:
         return float(scale)
-    raise ValueError(f"scale = {scale!r}: expected 'none', 'standardize' or a finite number > 0")
+    raise ValueError(f"scale = {scale!r}: expected 'none', 'standardize', 'robust' or a finite number > 0")
 
 
 def difference_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> list[dict]:
@@ -77,6 +78,11 @@ def scale_factors(scales: list[str | float], raw: list[dict]) -> list[float]:
                 raise ValueError("scale standardize: the margin differences over the training pairs have zero "
                                  "spread (every pair ties); there is no scale to divide by")
             factors.append(1.0 / stats["std"])
+        elif scale == "robust":
+            if not stats["median_abs"] > 0:
+                raise ValueError("scale robust: at least half of the training pairs tie on this margin (median "
+                                 "|m(y_w) - m(y_l)| is 0); there is no scale to divide by")
+            factors.append(1.0 / stats["median_abs"])
         else:
             factors.append(1.0 if scale == "none" else float(scale))
     return factors
