@@ -16,7 +16,7 @@ from datasets import Dataset
 import tiny
 from modpo import CallableMargins, ColumnMargins, ImplicitRewardMargins, MODPOConfig, MODPOTrainer, length_penalty
 from modpo.logps import batched_sequence_logps
-from modpo.margin_scale import check_scale, difference_statistics, measure
+from modpo.margin_scale import check_scale, difference_statistics, measure, weight_warnings
 from modpo.margin_specs import margin_sources
 from modpo.models import tiny_causal_lm, word_tokenizer
 from test_optimum import K0, PROMPTS, R1, R2, RESPONSES, bradley_terry_rows
@@ -136,6 +136,17 @@ def test_standardize_reaches_the_optimum_of_the_rescaled_rewards(tmp_path):
                           dtype=torch.float64)
     centred = lambda t: t - t.mean(dim=1, keepdim=True)
     assert torch.allclose(centred(learned), centred(target), atol=5e-3), (centred(learned), centred(target))
+
+
+def test_a_bradley_terry_margin_is_not_said_to_dwarf_sharp_preferences():
+    """An implicit reward is on the preference objective's BT-logit scale by construction: large differences mean
+    sharp labels, on both objectives, so only the other direction (vanishing) is warned about."""
+    chosen, rejected = torch.tensor([[40.0], [-30.0], [55.0]]), torch.tensor([[0.0], [0.0], [0.0]])
+    for calibrated, warned in ((True, 0), (False, 1)):
+        _, _, scales = measure(chosen, rejected, ["m"], ["none"], bradley_terry=[calibrated])
+        assert len(weight_warnings([0.1, 0.9], scales)) == warned
+    _, _, tiny_margin = measure(chosen * 1e-4, rejected, ["m"], ["none"], bradley_terry=[True])
+    assert "almost no effect" in weight_warnings([0.9, 0.1], tiny_margin)[0]
 
 
 def test_yaml_sources_take_a_scale_and_the_length_unit():

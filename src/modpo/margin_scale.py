@@ -57,6 +57,7 @@ class MarginScales:
     factors: list[float]               # margin_k -> factor_k * margin_k in training
     raw: list[dict]                    # difference statistics before scaling
     scaled: list[dict] = field(default_factory=list)
+    bradley_terry: list[bool] = field(default_factory=list)  # margins on the BT-logit scale by construction
 
     def record(self) -> dict:
         return asdict(self)
@@ -89,19 +90,23 @@ def scale_factors(scales: list[str | float], raw: list[dict]) -> list[float]:
 
 
 def measure(chosen: torch.Tensor, rejected: torch.Tensor, names: list[str], scales: list[str | float],
-            factors: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor, MarginScales]:
+            factors: list[float] | None = None, bradley_terry: list[bool] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, MarginScales]:
     """Scaled (chosen, rejected) margins and what was measured. `factors` given (e.g. the training data's, for
     evaluation data) are applied as they are; otherwise they follow `scales` on these pairs."""
     raw = difference_statistics(chosen, rejected)
     factors = factors if factors is not None else scale_factors(scales, raw)
     f = torch.tensor(factors, dtype=chosen.dtype)
     chosen, rejected = chosen * f, rejected * f
-    return chosen, rejected, MarginScales(names, list(scales), list(factors), raw, difference_statistics(chosen, rejected))
+    return chosen, rejected, MarginScales(names, list(scales), list(factors), raw, difference_statistics(chosen, rejected),
+                                          list(bradley_terry or [False] * len(names)))
 
 
 def weight_warnings(weights: list[float], scales: MarginScales) -> list[str]:
     """One line per margin objective whose weighted difference typically dwarfs or vanishes against the preference
-    objective (whose BT reward differences are O(1) logits, weighted by w_0)."""
+    objective (whose BT reward differences are O(1) logits, weighted by w_0). A margin on the BT-logit scale by
+    construction (an implicit reward, scale none) is not said to dwarf it: sharp preference labels make the
+    preference objective's own differences large too, and the weight then means what it says."""
     lines = []
     w0 = weights[0]
     for k, (name, stats) in enumerate(zip(scales.names, scales.scaled)):
@@ -110,11 +115,12 @@ def weight_warnings(weights: list[float], scales: MarginScales) -> list[str]:
         if wk == 0:
             continue
         ratio = typical / w0
-        if ratio > DWARFS:
+        calibrated = scales.bradley_terry[k] if k < len(scales.bradley_terry) else False
+        if ratio > DWARFS and not (calibrated and scales.scales[k] == "none"):
             effect = (f"it decides nearly every pair and the preference pairs have little say: "
                       f"'{w0:g} preference, {wk:g} {name}' trains on {name} alone")
         elif ratio < VANISHES:
-            effect = f"it has almost no effect: the run is close to plain DPO on the preference pairs"
+            effect = "it has almost no effect: the run is close to plain DPO on the preference pairs"
         else:
             continue
         balance = 1.0 / stats["median_abs"] if stats["median_abs"] > 0 else float("nan")

@@ -40,6 +40,9 @@ class MarginSource:
     name: str = "margin"
     num_objectives: int = 1
     scale: str | float = "none"  # how training scales the margins (`modpo.margin_scale`); evaluation stays raw
+    # True where the margins are Bradley-Terry logits by construction, the preference objective's own scale (DPO's
+    # implicit reward estimates its data's BT reward, whatever its beta'); others come with no such guarantee.
+    bradley_terry: bool = False
 
     def scaled(self, scale) -> MarginSource:
         """This source with training margins scaled: 'none', a number c (m -> c m) or 'standardize' (m divided
@@ -267,11 +270,14 @@ class RewardModelMargins(MarginSource):
 
 
 class ImplicitRewardMargins(MarginSource):
-    """beta' * (log pi_dpo(y|x) - log pi_ref(y|x)) of a DPO-trained model.
+    """beta' * (log pi_dpo(y|x) - log pi_ref(y|x)) of a DPO-trained model: the paper's margin, an estimate of the
+    Bradley-Terry reward of the DPO model's preference data (so on the preference objective's scale).
 
     `model` is a path or model; `ref_model` its reference. A LoRA adapter folder as `model` needs no
     `ref_model`: the reference is the base with the adapter disabled.
     """
+
+    bradley_terry = True
 
     def __init__(self, model, ref_model=None, tokenizer=None, beta: float = 0.1, batch_size: int = 16,
                  max_length: int = 1024, append_eos: bool = True, name: str = "implicit_reward",

@@ -67,7 +67,8 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
         names = [n for source in margin_sources for n in source.objective_names()]
         asked = [source.scale for source in margin_sources for _ in range(source.num_objectives)]
         try:
-            chosen, rejected, scales = measure(chosen, rejected, names, asked, margin_factors)
+            calibrated = [source.bradley_terry for source in margin_sources for _ in range(source.num_objectives)]
+            chosen, rejected, scales = measure(chosen, rejected, names, asked, margin_factors, calibrated)
         except ValueError as err:
             raise ConfigError(f"{name}: {err}") from None
         tokenized = tokenized.add_column("chosen_margins", chosen.tolist()).add_column("rejected_margins", rejected.tolist())
