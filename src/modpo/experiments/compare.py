@@ -24,8 +24,6 @@ The report goes to `<output_dir>/report/`: comparison.md, .json, .csv and the ov
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
