@@ -115,8 +115,7 @@ def weight_warnings(weights: list[float], scales: MarginScales) -> list[str]:
         if wk == 0:
             continue
         ratio = typical / w0
-        calibrated = scales.bradley_terry[k] if k < len(scales.bradley_terry) else False
-        if ratio > DWARFS and not (calibrated and scales.scales[k] == "none"):
+        if ratio > DWARFS and not (scales.bradley_terry[k] and scales.scales[k] == "none"):
             effect = (f"it decides nearly every pair and the preference pairs have little say: "
                       f"'{w0:g} preference, {wk:g} {name}' trains on {name} alone")
         elif ratio < VANISHES:

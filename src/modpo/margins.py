@@ -23,7 +23,7 @@ import torch
 
 from modpo.batch import pad
 from modpo.cache import columns_fingerprint, model_identity, stable_hash, tokenizer_fingerprint
-from modpo.data.encode import ENCODER_VERSION, encode, fit, scoring_ids, sequence_ids
+from modpo.data.encode import ENCODER_VERSION, scoring_ids, sequence_ids
 from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import DataError
 from modpo.logps import batched_pair_logps, batched_sequence_logps
@@ -309,9 +309,9 @@ class ImplicitRewardMargins(MarginSource):
 
     def _token_ids(self, dataset, side) -> tuple[list, list]:
         """Prompt and response ids of one side, encoded as training encodes them (`modpo.data.encode`)."""
-        pairs = [scoring_ids(p, r, self.tokenizer, self.max_length, self.append_eos)
+        pairs = [scoring_ids(p, [r], self.tokenizer, self.max_length, self.append_eos)
                  for p, r in zip(dataset["prompt"], dataset[side])]
-        return [p for p, _ in pairs], [r for _, r in pairs]
+        return [p for p, _ in pairs], [r for _, (r,) in pairs]
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -336,13 +336,10 @@ class ImplicitRewardMargins(MarginSource):
     def score_pairs(self, dataset):
         if not self.prefix_sharing:
             return super().score_pairs(dataset)
-        prompt_ids, chosen_ids, rejected_ids = [], [], []
-        for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"]):
-            ids_p, responses = encode(p, [c, r], self.tokenizer, self.append_eos)
-            fitted = fit(ids_p, [ids or [self.tokenizer.eos_token_id] for ids in responses], self.max_length)
-            prompt_ids.append(fitted.prompt_ids)
-            chosen_ids.append(fitted.response_ids[0])
-            rejected_ids.append(fitted.response_ids[1])
+        pairs = [scoring_ids(p, [c, r], self.tokenizer, self.max_length, self.append_eos)
+                 for p, c, r in zip(dataset["prompt"], dataset["chosen"], dataset["rejected"])]
+        prompt_ids = [p for p, _ in pairs]
+        chosen_ids, rejected_ids = [c for _, (c, _) in pairs], [r for _, (_, r) in pairs]
         args = (prompt_ids, chosen_ids, rejected_ids, self._pad_id(), self.batch_size)
         both = self._both_models(lambda model, role: torch.stack(batched_pair_logps(
             model, *args, desc=f"{self.name} {role}")))

@@ -62,9 +62,9 @@ class ImplicitRewards:
 
     def token_ids(self, prompts: Sequence, responses: Sequence) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt and response ids as training encodes them (`modpo.data.encode`); an empty response scores eos."""
-        pairs = [scoring_ids(p, r, self.tokenizer, self.max_length, self.append_eos)
+        pairs = [scoring_ids(p, [r], self.tokenizer, self.max_length, self.append_eos)
                  for p, r in zip(prompts, responses, strict=True)]
-        return [p for p, _ in pairs], [r for _, r in pairs]
+        return [p for p, _ in pairs], [r for _, (r,) in pairs]
 
     @torch.inference_mode()
     def score(self, prompts: Sequence, responses: Sequence) -> torch.Tensor:

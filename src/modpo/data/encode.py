@@ -125,6 +125,14 @@ def fit(prompt_ids: list[int], response_ids: Sequence[list[int]], max_length: in
     return Fitted(list(prompt_ids), fitted, prompt_cut, cut)
 
 
+def row_list(rows: Sequence) -> str:
+    """The first few rows of a list for a warning line, each source row once (a loader may make several pairs
+    of one row)."""
+    rows = list(dict.fromkeys(rows))
+    shown = ", ".join(map(str, rows[:5]))
+    return shown + (f", ... ({len(rows) - 5} more)" if len(rows) > 5 else "")
+
+
 @dataclass
 class FitReport:
     """What `fit` did over a data set, for one warning line."""
@@ -146,11 +154,7 @@ class FitReport:
             self.prompts_cut.append(row)
 
     def warn(self, name: str, max_length: int, row_word: str = "rows") -> None:
-        def some(rows):  # each source row once (a loader may make several pairs of one row)
-            rows = list(dict.fromkeys(rows))
-            shown = ", ".join(map(str, rows[:5]))
-            return shown + (f", ... ({len(rows) - 5} more)" if len(rows) > 5 else "")
-
+        some = row_list
         if self.prompts_cut:
             logger.warning("%s: %d of %d prompts were too long for max_length=%d and were cut from the left, keeping "
                            "their end (%s %s)", name, len(self.prompts_cut), self.rows, max_length, row_word,
@@ -163,18 +167,23 @@ class FitReport:
                            name, self.responses_cut, self.responses, max_length)
 
 
-def scoring_ids(prompt, response, tokenizer, max_length: int, append_eos: bool = True) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of one response for log-prob scoring: `encode` then `fit` (a long prompt is cut
-    from the left). An empty response scores one token, eos: the model stopping at once."""
-    prompt_ids, (response_ids,) = encode(prompt, [response], tokenizer, append_eos)
-    if not response_ids and tokenizer.eos_token_id is not None:
-        response_ids = [tokenizer.eos_token_id]
-    fitted = fit(prompt_ids, [response_ids], max_length)
-    return fitted.prompt_ids, fitted.response_ids[0]
+def scoring_ids(prompt, responses: Sequence, tokenizer, max_length: int, append_eos: bool = True
+                ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [response ids, ...]) for log-prob scoring of responses that share a prompt: `encode` then `fit`
+    (a long prompt is cut from the left). An empty response scores one token, eos: the model stopping at once."""
+    prompt_ids, encoded = encode(prompt, responses, tokenizer, append_eos)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    fitted = fit(prompt_ids, [ids or eos for ids in encoded], max_length)
+    return fitted.prompt_ids, fitted.response_ids
+
+
+def reward_ids(prompt, response, tokenizer) -> list[int]:
+    """Prompt + response as TRL's RewardTrainer trains a reward model on it (text rows end with eos), uncut."""
+    prompt_ids, (response_ids,) = encode(prompt, [response], tokenizer, append_eos=True)
+    return prompt_ids + response_ids
 
 
 def sequence_ids(prompt, response, tokenizer, max_length: int) -> list[int]:
-    """The ids a reward model scores (prompt + response, as TRL's RewardTrainer trains on them: text rows end with
-    eos), keeping the last `max_length`: the score is read at the end, so a long input loses its start."""
-    prompt_ids, (response_ids,) = encode(prompt, [response], tokenizer, append_eos=True)
-    return (prompt_ids + response_ids)[-max_length:]
+    """The ids a reward model scores: `reward_ids`, keeping the last `max_length` (the score is read at the end, so a
+    long input loses its start)."""
+    return reward_ids(prompt, response, tokenizer)[-max_length:]

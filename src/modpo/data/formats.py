@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 
-from modpo.data.encode import FitReport, encode, fit
+from modpo.data.encode import FitReport, encode, fit, row_list
 from modpo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -153,10 +153,10 @@ def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "datas
 
     def convert(example, index):
         row = example.get("source_row")  # the file's row number when the loader kept it
-        where = {"row": row, "index": None if row else index}
-        check_preference_row(example, row, file, num_margins, index=where["index"])
+        position = None if row else index  # in-memory rows are named dataset[index]
+        check_preference_row(example, row, file, num_margins, index=position)
         ids = tokenize_row(example, tokenizer, max_length, row, file, report, append_eos, long_prompts,
-                           max_prompt_length, index=where["index"])
+                           max_prompt_length, index=position)
         keep = ids is not None
         ids = ids or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
         return {**ids, "row_index": index, "_keep": keep}
@@ -183,16 +183,16 @@ def tokenize_reward_pairs(dataset, tokenizer, max_length: int | None, file: str 
 
     def convert(example, index):
         row = example.get("source_row")
-        where = {"row": row, "index": None if row else index}
-        check_preference_row(example, row, file, index=where["index"])
+        position = None if row else index  # in-memory rows are named dataset[index]
+        check_preference_row(example, row, file, index=position)
         out, long = {}, False
         for side in ("chosen", "rejected"):
-            try:
+            try:  # the ids of `encode.sequence_ids`, cut below
                 prompt_ids, (response_ids,) = encode(example["prompt"], [example[side]], tokenizer, append_eos=True)
             except ValueError as err:
-                raise DataError(file, row, side, str(err), index=where["index"]) from None
+                raise DataError(file, row, side, str(err), index=position) from None
             if not response_ids:
-                raise DataError(file, row, side, "tokenizes to no tokens (nothing to score)", index=where["index"])
+                raise DataError(file, row, side, "tokenizes to no tokens (nothing to score)", index=position)
             ids = prompt_ids + response_ids
             long |= max_length is not None and len(ids) > max_length
             out[f"{side}_ids"] = ids[-max_length:] if max_length else ids  # = encode.sequence_ids
@@ -202,8 +202,7 @@ def tokenize_reward_pairs(dataset, tokenizer, max_length: int | None, file: str 
 
     dataset = dataset.map(convert, with_indices=True, desc="tokenizing", load_from_cache_file=False)
     if cut:
-        shown = ", ".join(map(str, cut[:5])) + (f", ... ({len(cut) - 5} more)" if len(cut) > 5 else "")
         logger.warning("%s: %d of %d rows were longer than max_length=%d and keep their end, as the reward model is "
                        "scored (%s %s)", file, len(cut), len(dataset), max_length,
-                       "rows" if "source_row" in dataset.column_names else "indexes", shown)
+                       "rows" if "source_row" in dataset.column_names else "indexes", row_list(cut))
     return dataset
