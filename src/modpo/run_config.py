@@ -74,7 +74,9 @@ EVALUATION_HELP = {
     "batch_size": "Responses sampled per batch.",
     "evaluators": "List of {type: demo_exact} | {type: reward_model, model, outputs?} | {type: implicit_reward, model, "
                   "ref_model?, beta} | {type: length_penalty}; all but demo_exact may add names: [...] (the "
-                  "objectives' names in the report) and max_length (default 1024).",
+                  "objectives' names in the report), max_length (default 1024) and check: {pairs: <held-out preference "
+                  "rows>, floor: 0.6} (its pairwise accuracy on them, measured before sampling and reported; under "
+                  "the floor it is marked not usable).",
     "reference_point": "Hypervolume reference, one number per objective (default: each objective's minimum over "
                        "the points).",
     "extra_models": "Models evaluated beside the points without training, {name: model}, e.g. {base: runs/base}.",

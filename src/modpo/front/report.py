@@ -109,6 +109,15 @@ def optimum_table(section: dict, objectives: tuple[str, ...]) -> str:
             f"{section['hypervolume']:.4f}; the MODPO points' {front['hypervolume']:.4f}{fraction}.\n")
 
 
+def checks_table(checks: list[dict]) -> str:
+    """The evaluators' held-out pairwise accuracies, each against its floor."""
+    rows = ["| evaluator | held-out pairs | pairwise accuracy | floor | usable |", "|---|---|---|---|---|"]
+    for c in checks:
+        rows.append(f"| {c['objective']} ({c['evaluator']}) | {c['pairs']} | {c['accuracy']:.3f} ± {c['stderr']:.3f} | "
+                    f"{c['floor']:g} | {'yes' if c['usable'] else '**no**: its column does not rank the points'} |")
+    return "\n".join(rows)
+
+
 def table(points: list[dict], objectives: tuple[str, ...], non_dominated_names: list[str]) -> str:
     """A markdown table: one row per point, mean ± standard error per objective."""
     head = "| point | weights | " + " | ".join(objectives) + " | non-dominated |"
@@ -188,6 +197,8 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
                f"{', '.join(f'{r:g}' for r in reference)}; objectives maximised).\n")
     if meta.get("evaluators"):
         summary += f"Evaluators: {'; '.join(meta['evaluators'])}.\n"
+    if meta.get("evaluator_checks"):
+        summary += "\n" + checks_table(meta["evaluator_checks"]) + "\n"
     if meta.get("training_margin_sources"):
         summary += f"Training margin sources (not used for evaluation): {json.dumps(meta['training_margin_sources'])}.\n"
     if section is not None:

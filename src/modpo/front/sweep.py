@@ -17,7 +17,7 @@ import torch
 from modpo.cache import stable_hash, write_atomic
 from modpo.conditioning import check_request, condition_ids
 from modpo.errors import ConfigError
-from modpo.front.evaluators import build_evaluators, score_samples
+from modpo.front.evaluators import build_evaluators, pairwise_accuracy, score_samples
 from modpo.front.generate import SamplingSettings, sample_responses
 from modpo.front.report import summarize, write_report
 from modpo.models import load_model, load_tokenizer
@@ -82,6 +82,34 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     return point
 
 
+def check_evaluators(evaluators, out: Path, say) -> list[dict]:
+    """The held-out pairwise accuracy of every evaluator with a `check`, measured before anything is sampled and
+    kept in `out/evaluator_checks.json` (reused while the evaluator and its pairs are the same); an evaluator under
+    its floor gets a warning line, and the report marks it not usable."""
+    record_file = out / "evaluator_checks.json"
+    record = _read_record(record_file)
+    results = []
+    for evaluator in evaluators:
+        if getattr(evaluator, "check", None) is None:
+            continue
+        key = stable_hash({"evaluator": evaluator.describe(), "check": evaluator.check})
+        if key not in record:
+            pairs, _ = load_data(evaluator.check["pairs"], "evaluation.evaluators.check.pairs")
+            record[key] = pairwise_accuracy(evaluator, pairs)
+        for r in record[key]:
+            say(f"evaluator {r['objective']}: held-out pairwise accuracy {r['accuracy']:.3f} ± {r['stderr']:.3f} on "
+                f"{r['pairs']} pairs (floor {r['floor']:g})")
+            if not r["usable"]:
+                logger.warning("evaluator %s (%s) is not usable: held-out pairwise accuracy %.3f is under its floor "
+                               "%g; the front's %s column does not rank the points", r["objective"], r["evaluator"],
+                               r["accuracy"], r["floor"], r["objective"])
+        results += record[key]
+    if results:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(record_file, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+    return results
+
+
 def _read_record(path: Path) -> dict:
     """A JSON record, or {} where there is none or it cannot be read (with a warning)."""
     if not path.exists():
@@ -127,6 +155,7 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
                                    and k in evaluation})
     evaluators = build_evaluators(evaluation.get("evaluators", []))
     points, started = [], time.time()
+    checks = check_evaluators(evaluators, out, say)
     for name, model_dir in (evaluation.get("extra_models") or {}).items():
         points.append(evaluate_model(Path(model_dir), name, None, prompts, settings, evaluators,
                                      record_file=extra_model_record(out, model_dir)))
@@ -151,6 +180,7 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
     reference = evaluation.get("reference_point") or [min(p[o]["mean"] for p in points) for o in objectives]
     meta = {"sampling": settings.record(), "evaluators": [e.describe() for e in evaluators],
             "training_margin_sources": cfg.train.get("margins", []) or "chosen_margins/rejected_margins columns",
+            **({"evaluator_checks": checks} if checks else {}),
             "num_prompts": len(prompts), "wall_seconds": round(time.time() - started, 2),
             "reference_point_rule": "given" if evaluation.get("reference_point") else "per-objective minimum over points"}
     return write_report(out, points, objectives, list(reference), meta, title, optimum)
