@@ -3,6 +3,7 @@ conditioned model trained once reaching the closed-form optimum at several weigh
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -12,11 +13,12 @@ from datasets import Dataset
 import tiny
 from modpo import MODPOConfig, MODPOTrainer
 from modpo.batch import PreferenceCollator
-from modpo.conditioning import Conditioner, WeightSampler, check_request, condition_ids, on_grid, render, vocabulary
+from modpo.conditioning import FORMATS, Conditioner, WeightSampler, check_request, condition_ids, on_grid, render, vocabulary
 from modpo.data.encode import encode
 from modpo.logps import batched_sequence_logps
 from modpo.loss import modpo_loss
 from modpo.models import tiny_causal_lm, word_tokenizer
+from modpo.weight_embedding import applied
 from test_optimum import K0, PROMPTS, R1, R2, RESPONSES, bradley_terry_rows
 
 
@@ -82,16 +84,18 @@ def test_the_collator_shows_each_row_its_weights(tmp_path):
     assert first_row[:4] == condition_ids([0.2, 0.8], tok) + [4]
 
 
-def test_one_conditioned_model_reaches_the_optimum_at_every_weight_it_is_asked_for(tmp_path):
+@pytest.mark.parametrize("format", FORMATS)
+def test_one_conditioned_model_reaches_the_optimum_at_every_weight_it_is_asked_for(tmp_path, format):
     """The closed-form bandit of test_optimum (K = 3, Bradley-Terry pairs, two margin columns), trained once with
     the weight vectors cycled over rows and epochs: at each w, beta log pi(y|x, w) / pi_ref(y|x) = w . r(x, y) up to
-    a per-prompt constant. pi_ref is the unconditioned initial model."""
+    a per-prompt constant. pi_ref is the unconditioned initial model; w is shown either way (`FORMATS`)."""
     asked = [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.1, 0.5]]
     tokenizer = word_tokenizer(PROMPTS + RESPONSES + vocabulary())
     model = tiny_causal_lm(len(tokenizer), hidden_size=32, layers=1, heads=2, seed=0)
     rows = bradley_terry_rows()
     beta = 0.5
     args = MODPOConfig(output_dir=str(tmp_path), weights=[1 / 3] * 3, weight_sampling="cycle", weight_list=asked,
+                       conditioning=format,
                        beta=beta, per_device_train_batch_size=len(rows), max_steps=600, learning_rate=2e-2,
                        lr_scheduler_type="constant", report_to=[], save_strategy="no", use_cpu=True, seed=0,
                        max_length=16, append_eos=False, cache_dir=str(tmp_path / "cache"))
@@ -102,9 +106,14 @@ def test_one_conditioned_model_reaches_the_optimum_at_every_weight_it_is_asked_f
     trainer.train()
     centred = lambda t: t - t.mean(dim=1, keepdim=True)
     for w in asked:
-        conditioned = [condition_ids(w, tokenizer) + ids for ids in prompt_ids]
-        learned = beta * (batched_sequence_logps(trainer.model, conditioned, response_ids, tokenizer.pad_token_id)
-                          - reference)
+        if format == "prefix":
+            shown, conditioned = contextlib.nullcontext(), [condition_ids(w, tokenizer) + ids for ids in prompt_ids]
+        else:
+            shown = applied(trainer.model.get_input_embeddings(), trainer.weight_embedding, torch.tensor([[w]]))
+            conditioned = prompt_ids
+        with shown:
+            logps = batched_sequence_logps(trainer.model, conditioned, response_ids, tokenizer.pad_token_id)
+        learned = beta * (logps - reference)
         target = torch.tensor([[w[0] * math.log(K0[p][y]) + w[1] * R1[p][y] + w[2] * R2[p][y]
                                 for y in range(len(RESPONSES))] for p in PROMPTS], dtype=torch.float64)
         error = (centred(learned.reshape(len(PROMPTS), -1).double()) - centred(target)).abs().max().item()

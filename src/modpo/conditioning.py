@@ -4,11 +4,16 @@ The policy sees w, the reference does not: pi(y | x, w) is trained against the u
 optimum for every w is pi_ref(y|x) exp(w . r(x, y) / beta) and the reference log-probs and margins precomputed once
 per row serve every w.
 
-How w is shown (`render`, used identically in training, evaluation and generation): a prefix of tokens before
-the prompt, `weights: 0.30 0.70` and a newline, the weights with two decimals in objective order. It works for
-text rows and chat templates alike (the prefix comes before the rendered conversation), with and without LoRA.
-Weights are put on that grid first (`on_grid`: two decimals, summing to one), so the model is trained for exactly
-the weights its prompt shows.
+How w is shown, two formats (`FORMATS`), each used identically in training, evaluation and generation:
+
+* `prefix`: tokens before the prompt (`render`), `weights: 0.30 0.70` and a newline, the weights with two decimals
+  in objective order. It works for text rows and chat templates alike (the prefix comes before the rendered
+  conversation), with and without LoRA.
+* `embedding`: a learned vector c(w) added to every input embedding (`modpo.weight_embedding`), zero at the
+  start, so the policy starts as the reference for every w.
+
+Weights are put on a two-decimal grid first (`on_grid`: summing to one), so the model is trained for exactly the
+weights it is later asked for.
 
 How training draws w (`WeightSampler`): per row and per epoch, seeded by (seed, epoch, row), from a Dirichlet
 distribution (`dirichlet`, concentration alpha) or cycling through a fixed list (`cycle`); w_0 is kept at or above
@@ -28,6 +33,7 @@ from modpo.loss import validate_weights
 DECIMALS = 2
 PREFIX = "weights:"
 SAMPLINGS = ("dirichlet", "cycle")
+FORMATS = ("prefix", "embedding")
 
 
 def on_grid(weights: Sequence[float]) -> list[float]:
@@ -105,11 +111,14 @@ class WeightSampler:
 
 
 class Conditioner:
-    """What the collator adds to a batch of a conditioned run: each row's weights for the current epoch and the
-    token ids that show them (`render`), prepended to its prompt. The trainer sets `epoch` as each one begins."""
+    """What the collator adds to a batch of a conditioned run: each row's weights for the current epoch and, in
+    the `prefix` format, the token ids that show them (`render`), prepended to its prompt (no ids in the `embedding`
+    format: the trainer adds c(w) to the embeddings). The trainer sets `epoch` as each one begins."""
 
-    def __init__(self, sampler: WeightSampler, tokenizer):
-        self.sampler, self.tokenizer, self.epoch = sampler, tokenizer, 0
+    def __init__(self, sampler: WeightSampler, tokenizer, format: str = "prefix"):
+        if format not in FORMATS:
+            raise ValueError(f"conditioning = {format!r}; expected one of {FORMATS}")
+        self.sampler, self.tokenizer, self.format, self.epoch = sampler, tokenizer, format, 0
         self._ids: dict[tuple, list[int]] = {}
 
     def __call__(self, rows: Sequence[int]) -> tuple[list[list[float]], list[list[int]]]:
@@ -118,14 +127,16 @@ class Conditioner:
         for w in weights:
             key = tuple(w)
             if key not in self._ids:
-                self._ids[key] = condition_ids(w, self.tokenizer)
+                self._ids[key] = condition_ids(w, self.tokenizer) if self.format == "prefix" else []
             prefixes.append(self._ids[key])
         return weights, prefixes
 
     def record(self) -> dict:
         """What a model card and run record say of a conditioned model."""
         sampler = self.sampler
-        return {"format": "prefix", "example": render(on_grid([1 / sampler.num_objectives] * sampler.num_objectives)),
+        example = on_grid([1 / sampler.num_objectives] * sampler.num_objectives)
+        return {"format": self.format,
+                "example": render(example) if self.format == "prefix" else f"c({example}) added to every input embedding",
                 "num_objectives": sampler.num_objectives, "sampling": sampler.sampling,
                 "concentration": sampler.alpha, "weight_list": sampler.weight_list,
                 "min_first_weight": sampler.min_first_weight, "decimals": DECIMALS}

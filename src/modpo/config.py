@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from modpo.conditioning import WeightSampler
+from modpo.conditioning import FORMATS, WeightSampler
 from modpo.data.encode import LONG_PROMPTS
 from modpo.loss import LOSS_TYPES, validate_weights
 
@@ -59,6 +59,10 @@ class MODPOConfig(TrainingArguments):
                                                                                   "one per objective."})
     weight_list: list[list[float]] | None = field(default=None, metadata={"help": "The weight vectors "
                                                                                "weight_sampling 'cycle' goes through."})
+    conditioning: str = field(default="prefix", metadata={"help": "How a weight-conditioned policy sees w: 'prefix' "
+                                                                 "(rendered before the prompt) or 'embedding' (a "
+                                                                 "learned c(w) added to every input embedding, zero "
+                                                                 "at the start)."})
     min_first_weight: float = field(default=0.05, metadata={"help": "Smallest w_0 a sampled weight vector gets "
                                                                     "(1/w_0 scales the MODPO logit)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the token columns."})
@@ -83,6 +87,8 @@ class MODPOConfig(TrainingArguments):
         if self.weight_sampling is not None:  # checked here, built by the trainer
             WeightSampler(len(self.weights), self.weight_sampling, self.weight_concentration, self.weight_list or [],
                           self.min_first_weight, self.seed)
+        if self.conditioning not in FORMATS:
+            raise ValueError(f"conditioning = {self.conditioning!r}; expected one of {FORMATS}")
         if self.long_prompts not in LONG_PROMPTS:
             raise ValueError(f"long_prompts = {self.long_prompts!r}; expected one of {LONG_PROMPTS}")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:

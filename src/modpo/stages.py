@@ -151,9 +151,10 @@ def _finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dic
     if extra.get("conditioning"):
         c = extra["conditioning"]
         example = ",".join(f"{w:g}" for w in on_grid([1 / c["num_objectives"]] * c["num_objectives"]))
+        shown = (f"the prompt is preceded by `{c['example'].strip()}`" if c.get("format", "prefix") == "prefix" else
+                 "a learned c(w) is added to every input embedding (weight_embedding.safetensors)")
         card.append(f"- weight-conditioned on {c['num_objectives']} objectives ({c['sampling']} weights in training): "
-                    f"the prompt is preceded by `{c['example'].strip()}`; steer it with "
-                    f"`modpo generate --model {out} --weights {example} \"your prompt\"`")
+                    f"{shown}; steer it with `modpo generate --model {out} --weights {example} \"your prompt\"`")
     if cfg.lora:
         card.append(f"- LoRA: {json.dumps(cfg.lora)}")
     if merged:
@@ -271,7 +272,10 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
                            processing_class=tokenizer, margin_rewards=sources, peft_config=_lora(cfg, "CAUSAL_LM"),
                            data_names=(train_name, eval_name))
     route_trainer_logs(trainer)
-    trainer.train(resume_from_checkpoint=resume_from(cfg, resume))
+    checkpoint = resume_from(cfg, resume)
+    if checkpoint:
+        trainer.load_weight_embedding(checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     return finish(trainer, cfg, stage, started, identity,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
                    "token_counts": trainer.token_counts,

@@ -9,6 +9,7 @@ pass (`logps.sequence_logps`) and applies `loss.modpo_loss`. Only the policy is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -29,6 +30,7 @@ from modpo.models import load_model, load_tokenizer, whole_weights
 from modpo.packing import use_padding_free
 from modpo.precompute import check_chunked_head, check_packed_layout, precompute_columns
 from modpo.reference import is_peft_model, prepare_policy
+from modpo.weight_embedding import ATTRIBUTE, WeightEmbedding, applied, detached, token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +133,12 @@ class MODPOTrainer(Trainer):
         if args.weight_sampling is not None:
             self.conditioner = Conditioner(WeightSampler(
                 len(args.weights), args.weight_sampling, args.weight_concentration, args.weight_list or [],
-                args.min_first_weight, args.seed), processing_class)
+                args.min_first_weight, args.seed), processing_class, args.conditioning)
+        self.weight_embedding = None  # the `embedding` format's c(w): a submodule of the policy while it trains
+        if self.conditioner is not None and args.conditioning == "embedding":
+            self.weight_embedding = WeightEmbedding(len(args.weights), model.get_input_embeddings().embedding_dim,
+                                                    seed=args.seed)
+            model.add_module(ATTRIBUTE, self.weight_embedding)  # trained, placed and saved with the policy
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
                                       args.prefix_sharing, self.conditioner)
         if args.chunked_logps and args.ddp_find_unused_parameters is None:
@@ -183,10 +190,26 @@ class MODPOTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.is_world_process_zero():
             return
-        model = self.accelerator.unwrap_model(self.model)
-        if is_peft_model(model):  # merged in a copy: the trainer keeps its adapter
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(output_dir)
+        with detached(self.accelerator.unwrap_model(self.model)) as embedding:
+            model = self.accelerator.unwrap_model(self.model)
+            if is_peft_model(model):  # merged in a copy: the trainer keeps its adapter
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(output_dir)
+        if embedding is not None:
+            embedding.save(output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The model as transformers saves it; a weight embedding (`conditioning: embedding`) in its own files beside."""
+        output_dir = output_dir or self.args.output_dir
+        with detached(self.accelerator.unwrap_model(self.model)) as embedding:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        if embedding is not None and self.is_world_process_zero():
+            embedding.save(output_dir)
+
+    def load_weight_embedding(self, folder: str) -> None:
+        """Resuming from a checkpoint: its weight embedding too (the Trainer restores only the model's own files)."""
+        if self.weight_embedding is not None:
+            self.weight_embedding.load_state_dict(WeightEmbedding.load(folder).state_dict())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: MODPOConfig = self.args
@@ -194,7 +217,11 @@ class MODPOTrainer(Trainer):
         layout = inputs["layout"]  # a `batch.PreferenceBatch`: the layout goes to the model, the rest to the loss
         # accelerate autocasts only inside the model's forward; the chunked LM head runs after it, so autocast it
         # too: the same numerics as the precompute, which runs entirely under autocast.
-        with self.accelerator.autocast():
+        shown = contextlib.nullcontext()  # in the `embedding` format, c(w) of each token's pair is added to it
+        if self.weight_embedding is not None:
+            embeddings = self.accelerator.unwrap_model(model).get_input_embeddings()
+            shown = applied(embeddings, self.weight_embedding, token_weights(layout, inputs["weights"]))
+        with self.accelerator.autocast(), shown:
             logps = sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * pairs, **layout)
         losses, chosen_rewards, rejected_rewards = modpo_loss(
             logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],

@@ -1,19 +1,24 @@
 """Steering one weight-conditioned model at inference: `modpo generate --model DIR --weights 0.3,0.7 "prompt"`.
 
 The model's run record (`modpo_run.json`, written by `modpo train` with `weight_sampling`) says it is conditioned
-and on how many objectives; the weights asked for are checked (length, w_0 > 0, on the simplex), rendered exactly
-as in training (`modpo.conditioning.render`) and put before the prompt.
+and on how many objectives and in which format; the weights asked for are checked (length, w_0 > 0, on the
+simplex) and shown exactly as in training (`steering`): rendered before the prompt (`modpo.conditioning.render`), or
+as the learned c(w) added to the input embeddings (`modpo.weight_embedding`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+
+import torch
 
 from modpo.conditioning import check_request, condition_ids
 from modpo.errors import ConfigError
 from modpo.front.generate import SamplingSettings, sample_responses
 from modpo.models import load_model, load_tokenizer
+from modpo.weight_embedding import WeightEmbedding, applied
 
 
 def conditioning_of(model_dir: str | Path) -> dict:
@@ -31,6 +36,20 @@ def conditioning_of(model_dir: str | Path) -> dict:
     return conditioning
 
 
+@contextlib.contextmanager
+def steering(model_dir: str | Path, model, tokenizer, weights: list[float]):
+    """Within the block the conditioned `model` (loaded from `model_dir`) is steered to `weights`, shown as in
+    training; yields the token ids to put before every prompt (none in the `embedding` format)."""
+    conditioning = conditioning_of(model_dir)
+    grid = check_request(weights, conditioning["num_objectives"])
+    if conditioning.get("format", "prefix") == "prefix":
+        yield condition_ids(grid, tokenizer)
+        return
+    embedding = WeightEmbedding.load(model_dir).to(next(model.parameters()).device)
+    with applied(model.get_input_embeddings(), embedding, torch.tensor([[grid]])):
+        yield []
+
+
 def steer(model_dir: str | Path, prompts: list, weights: list[float], settings: SamplingSettings | None = None,
           model=None, tokenizer=None) -> list[dict]:
     """[{prompt, response, sample, weights}] sampled from the conditioned model at `weights`."""
@@ -41,6 +60,7 @@ def steer(model_dir: str | Path, prompts: list, weights: list[float], settings: 
         raise ConfigError(f"--weights: {err}") from None
     tokenizer = tokenizer or load_tokenizer(str(model_dir))
     model = model or load_model(str(model_dir))
-    samples = sample_responses(model, tokenizer, prompts, settings or SamplingSettings(), desc=f"w = {grid}",
-                               prefix=condition_ids(grid, tokenizer))
+    with steering(model_dir, model, tokenizer, grid) as prefix:
+        samples = sample_responses(model, tokenizer, prompts, settings or SamplingSettings(), desc=f"w = {grid}",
+                                   prefix=prefix)
     return [{**s, "weights": grid} for s in samples]

@@ -6,6 +6,7 @@ whose evaluation record matches is not re-sampled. A killed sweep resumes at the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import numbers
@@ -15,11 +16,12 @@ from pathlib import Path
 import torch
 
 from modpo.cache import stable_hash, write_atomic
-from modpo.conditioning import check_request, condition_ids
+from modpo.conditioning import check_request
 from modpo.errors import ConfigError
 from modpo.front.evaluators import build_evaluators, pairwise_accuracy, score_samples
 from modpo.front.generate import SamplingSettings, sample_responses
 from modpo.front.report import summarize, write_report
+from modpo.front.steer import steering
 from modpo.models import load_model, load_tokenizer
 from modpo.preflight import guarded_front
 from modpo.run_config import FrontConfig, StageConfig, from_dict
@@ -71,8 +73,9 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     started = time.time()
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir)).to("cuda" if torch.cuda.is_available() else "cpu")
-    prefix = condition_ids(condition, tokenizer) if condition is not None else None
-    samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}", prefix=prefix)
+    shown = steering(model_dir, model, tokenizer, condition) if condition is not None else contextlib.nullcontext()
+    with shown as prefix:
+        samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}", prefix=prefix)
     scores, malformed, objectives = score_samples(evaluators, samples)
     point = summarize(name, weights, scores, objectives, malformed,
                       {"sampling_seconds": round(time.time() - started, 2), **(extra or {})})
