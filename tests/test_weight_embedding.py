@@ -29,7 +29,7 @@ PAIR_WEIGHTS = torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.8, 0.2], [0.35, 0.65]])
 
 def moved_embedding(hidden: int) -> WeightEmbedding:
     """A weight embedding as if trained: its output layer no longer zero."""
-    embedding = WeightEmbedding(2, hidden, width=8, seed=1)
+    embedding = WeightEmbedding(2, hidden, scale=0.1, width=8, seed=1)
     with torch.no_grad():
         embedding.outer.weight.copy_(torch.randn(embedding.outer.weight.shape, generator=torch.Generator().manual_seed(2)))
     return embedding
@@ -48,7 +48,7 @@ def per_sequence(model, embedding) -> torch.Tensor:
 
 def test_the_policy_starts_as_the_reference_for_every_w():
     model = tiny.model(32, seed=1, layers=2)
-    embedding = WeightEmbedding(2, model.config.hidden_size)
+    embedding = WeightEmbedding.for_model(model, 2)
     batch = concatenated_inputs(PROMPTS, CHOSEN, REJECTED, pad_token_id=0)
     plain = sequence_logps(model, num_sequences=8, **batch)
     with applied(model.get_input_embeddings(), embedding, token_weights(batch, PAIR_WEIGHTS)):

@@ -63,6 +63,11 @@ class MODPOConfig(TrainingArguments):
                                                                  "(rendered before the prompt) or 'embedding' (a "
                                                                  "learned c(w) added to every input embedding, zero "
                                                                  "at the start)."})
+    equalize_steps: bool = field(default=True, metadata={"help": "Weight-conditioned runs: scale each row's loss by "
+                                                                "its w_0, cancelling the 1/w_0 of the logit in its "
+                                                                "gradient, so rows of every w move the one shared "
+                                                                "model by the same step size (the optimum at each w "
+                                                                "is unchanged)."})
     min_first_weight: float = field(default=0.05, metadata={"help": "Smallest w_0 a sampled weight vector gets "
                                                                     "(1/w_0 scales the MODPO logit)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the token columns."})

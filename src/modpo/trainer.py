@@ -136,8 +136,7 @@ class MODPOTrainer(Trainer):
                 args.min_first_weight, args.seed), processing_class, args.conditioning)
         self.weight_embedding = None  # the `embedding` format's c(w): a submodule of the policy while it trains
         if self.conditioner is not None and args.conditioning == "embedding":
-            self.weight_embedding = WeightEmbedding(len(args.weights), model.get_input_embeddings().embedding_dim,
-                                                    seed=args.seed)
+            self.weight_embedding = WeightEmbedding.for_model(model, len(args.weights), seed=args.seed)
             model.add_module(ATTRIBUTE, self.weight_embedding)  # trained, placed and saved with the policy
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
                                       args.prefix_sharing, self.conditioner)
@@ -230,6 +229,8 @@ class MODPOTrainer(Trainer):
             validate="weights" not in inputs)  # per-row weights come checked from the sampler
         if "loss_weight" in inputs:  # per-row weights, e.g. the DPO-LW baseline's w_k per objective's rows
             losses = losses * inputs["loss_weight"]
+        if "weights" in inputs and args.equalize_steps:  # d loss / d logratio is beta * sigma'(.) for every w
+            losses = losses * inputs["weights"][:, 0]
         loss = losses.mean()
         # Tokens the model ran on: packed sequences 0..2B-1 (not the length filler), else the attention mask.
         tokens = (layout["sequence_index"] < 2 * pairs) if "sequence_index" in layout else layout["attention_mask"]

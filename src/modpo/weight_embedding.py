@@ -1,9 +1,12 @@
 """Learned weight conditioning: the policy sees w as a vector added to every input embedding.
 
-    e'_t = e_t + c(w),    c(w) = W_2 tanh(W_1 w + b_1),    W_2 = 0 at the start
+    e'_t = e_t + c(w),    c(w) = s W_2 tanh(W_1 w + b_1),    W_2 = 0 at the start,    s = rms(E) / sqrt(width)
 
 Because W_2 starts at zero, the conditioned policy starts as the reference for every w: pi(y | x, w) = pi_ref(y | x)
-at step 0, as MODPO's derivation assumes. (The prompt-prefix conditioning of `modpo.conditioning` shows the policy
+at step 0, as MODPO's derivation assumes. s puts c(w) on the scale of the token embeddings E (rms(E) is the
+root-mean-square of their entries): Adam moves every entry of W_2 by about the learning rate per step whatever its
+scale, and without s a few hundred steps made c(w) hundreds of times larger than the 0.02-scale embeddings of a
+freshly initialised model, which then could no longer tell its tokens apart. (The prompt-prefix conditioning of `modpo.conditioning` shows the policy
 tokens the reference never saw, so its starting point differs from pi_ref by a different amount for every w.)
 
 c(w) is added through a forward hook on the model's input embeddings (`applied`), so any transformers causal LM,
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -29,9 +33,10 @@ ATTRIBUTE = "modpo_weight_embedding"  # the submodule's name on the policy while
 class WeightEmbedding(torch.nn.Module):
     """c(w): (..., K) weights -> (..., hidden) offsets of the input embeddings; zero for every w at the start."""
 
-    def __init__(self, num_objectives: int, hidden_size: int, width: int = 64, seed: int = 0):
+    def __init__(self, num_objectives: int, hidden_size: int, scale: float, width: int = 64, seed: int = 0):
         super().__init__()
-        self.config = {"num_objectives": num_objectives, "hidden_size": hidden_size, "width": width}
+        self.config = {"num_objectives": num_objectives, "hidden_size": hidden_size, "scale": scale, "width": width}
+        self.scale = scale
         generator = torch.Generator().manual_seed(seed)
         self.inner = torch.nn.Linear(num_objectives, width)
         self.outer = torch.nn.Linear(width, hidden_size, bias=False)
@@ -41,7 +46,14 @@ class WeightEmbedding(torch.nn.Module):
             self.outer.weight.zero_()
 
     def forward(self, weights: torch.Tensor) -> torch.Tensor:
-        return self.outer(torch.tanh(self.inner(weights)))
+        return self.scale * self.outer(torch.tanh(self.inner(weights)))
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, num_objectives: int, width: int = 64, seed: int = 0) -> "WeightEmbedding":
+        """c(w) for `model`: its hidden size, on the scale of its input embeddings."""
+        table = model.get_input_embeddings().weight
+        rms = table.detach().float().pow(2).mean().sqrt().item()
+        return cls(num_objectives, table.shape[1], rms / math.sqrt(width), width, seed)
 
     def save(self, folder: str | Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(Path(folder) / WEIGHTS_FILE))

@@ -68,7 +68,7 @@ def front_statistics(points: list[dict], objectives: tuple[str, ...], reference:
 
 
 def optimum_section(points: list[dict], objectives: tuple[str, ...], reference: list[float], optimum,
-                    curve_size: int = 41) -> dict:
+                    curve_size: int = 41, method: str = "MODPO") -> dict:
     """The front against a known optimum: `optimum(weights)` gives the best value of every objective at a weight
     vector (plain data from whoever knows it, e.g. the demo's exact optimum).
 
@@ -93,8 +93,26 @@ def optimum_section(points: list[dict], objectives: tuple[str, ...], reference: 
     describe = getattr(optimum, "describe", None)
     return {"description": describe() if describe else "given optimum", "points": rows,
             "hypervolume": best_volume, "reference_point": reference,
-            "fronts": {"MODPO": {"hypervolume": volume, "fraction": volume / best_volume if best_volume else None}},
+            "fronts": {method: {"hypervolume": volume, "fraction": volume / best_volume if best_volume else None}},
             "curve": curve}
+
+
+def against_per_weight(points: list[dict], conditioned: list[dict], objectives: tuple[str, ...],
+                       reference: list[float]) -> dict | None:
+    """The conditioned model at the per-weight front's own weight vectors: its hypervolume there as a fraction of
+    the separately trained models', and its training tokens (forward + backward) as a fraction of theirs."""
+    trained = [p for p in points if p.get("weights") is not None]
+    same = [c for c in conditioned if any(c["weights"] == p["weights"] for p in trained)]
+    if not trained or len(same) != len(trained):
+        return None
+    mine = hypervolume([[c[o]["mean"] for o in objectives] for c in same], reference)
+    theirs = hypervolume([[p[o]["mean"] for o in objectives] for p in trained], reference)
+    total = lambda counts: counts["forward"] + counts["backward"]
+    spent = [p.get("token_counts") for p in trained]
+    tokens = (total(conditioned[0]["token_counts"]) / sum(map(total, spent))
+              if conditioned[0].get("token_counts") and all(spent) else None)
+    return {"weights": len(trained), "hypervolume": mine, "per_weight_hypervolume": theirs,
+            "fraction": mine / theirs if theirs else None, "token_fraction": tokens}
 
 
 def optimum_table(section: dict, objectives: tuple[str, ...]) -> str:
@@ -103,10 +121,10 @@ def optimum_table(section: dict, objectives: tuple[str, ...]) -> str:
     for r in section["points"]:
         cells = [f"{r['optimum'][o]:.3f} ({r['gap'][o]:+.3f})" for o in objectives]
         rows.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['distance']:.3f} |")
-    front = section["fronts"]["MODPO"]
+    (method, front), = section["fronts"].items()
     fraction = f" ({100 * front['fraction']:.0f}% of it)" if front["fraction"] is not None else ""
     return ("\n".join(rows) + f"\n\nOptimum: {section['description']}. Its hypervolume at the front's weights is "
-            f"{section['hypervolume']:.4f}; the MODPO points' {front['hypervolume']:.4f}{fraction}.\n")
+            f"{section['hypervolume']:.4f}; the {method} points' {front['hypervolume']:.4f}{fraction}.\n")
 
 
 def checks_table(checks: list[dict]) -> str:
@@ -189,9 +207,12 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
         document["optimum"] = section
     if conditioned:
         document["methods"] = {"modpo": {k: stats[k] for k in ("hypervolume", "non_dominated")},
-                               "conditioned": front_statistics(conditioned, objectives, reference)}
+                               "conditioned": {**front_statistics(conditioned, objectives, reference),
+                                               "against_per_weight": against_per_weight(points, conditioned,
+                                                                                        objectives, reference)}}
         if optimum is not None:
-            document["methods"]["conditioned"]["optimum"] = optimum_section(conditioned, objectives, reference, optimum)
+            document["methods"]["conditioned"]["optimum"] = optimum_section(conditioned, objectives, reference, optimum,
+                                                                              method="conditioned model")
     text = table(points, objectives, stats["non_dominated"])
     summary = (f"{text}\n\nHypervolume {stats['hypervolume']:.4f} (reference point "
                f"{', '.join(f'{r:g}' for r in reference)}; objectives maximised).\n")
@@ -208,6 +229,13 @@ def write_report(folder: Path, points: list[dict], objectives: tuple[str, ...], 
         summary += (f"\nOne weight-conditioned model, trained once, at {len(conditioned)} weight vectors:\n\n"
                     f"{table(conditioned, objectives, c['non_dominated'])}\n\nHypervolume {c['hypervolume']:.4f} "
                     f"(the per-weight MODPO front: {stats['hypervolume']:.4f}).\n")
+        a = c["against_per_weight"]
+        if a and a["fraction"] is not None:
+            tokens = (f", on {100 * a['token_fraction']:.0f}% of their training tokens" if a["token_fraction"] is not None
+                      else "")
+            summary += (f"At the per-weight front's {a['weights']} weight vectors its hypervolume is "
+                        f"{a['hypervolume']:.4f}: {100 * a['fraction']:.1f}% of the {a['weights']} separately trained "
+                        f"models'{tokens}.\n")
         if "optimum" in c:
             summary += "\n" + optimum_table(c["optimum"], objectives)
     write_atomic(folder / "front.md", lambda tmp: tmp.write_text(summary))

@@ -175,6 +175,7 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
         t1 = time.time()
         points.append(evaluate_model(run_dir, name, weights, prompts, settings, evaluators,
                                      {"method": "modpo", "train_seconds": run.get("wall_seconds"),
+                                      "token_counts": run.get("token_counts"),
                                       "margin_scales": run.get("margin_scales")}))
         say(f"point {name}: trained or reused in {t1 - t0:.1f} s, sampled and scored in {time.time() - t1:.1f} s")
     if cfg.conditioned:
