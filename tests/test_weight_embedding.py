@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 from safetensors.torch import load_file
 
 import tiny
@@ -73,10 +74,11 @@ def test_every_layout_gives_each_token_its_pairs_weights(name):
     assert (values - unconditioned).abs().max() > 1e-2  # the moved embedding does change the log-probs
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A conditioned model trained a few steps with `conditioning: embedding`, saving a checkpoint on the way."""
-    folder = tmp_path_factory.mktemp("embedding")
+@pytest.fixture(scope="module", params=["full", "lora"])
+def trained(tmp_path_factory, request):
+    """A conditioned model trained a few steps with `conditioning: embedding` (all weights, or a LoRA adapter),
+    saving a checkpoint on the way."""
+    folder = tmp_path_factory.mktemp(f"embedding_{request.param}")
     tok = tiny.tokenizer()
     rows = [{"prompt": "hello", "chosen": "good answer", "rejected": "bad", "chosen_m": 1.0, "rejected_m": 0.0},
             {"prompt": "how", "chosen": "fine", "rejected": "bad answer", "chosen_m": 0.0, "rejected_m": 1.0}] * 4
@@ -86,7 +88,10 @@ def trained(tmp_path_factory):
                        conditioning="embedding", max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2,
                        report_to=[], save_strategy="steps", save_steps=2, use_cpu=True, seed=0, max_length=16,
                        cache_dir=str(folder / "cache"), disable_tqdm=True)
-    trainer = MODPOTrainer(tiny.model(len(tok), seed=0), args=args, train_dataset=data, processing_class=tok)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    base = tiny.save(tiny.model(len(tok), seed=0), tok, folder / "base")  # a folder: an adapter names its base
+    trainer = MODPOTrainer(base, args=args, train_dataset=data, processing_class=tok,
+                           peft_config=lora if request.param == "lora" else None)
     trainer.train()
     trainer.save_model(str(folder / "model"))
     tok.save_pretrained(str(folder / "model"))
@@ -100,13 +105,14 @@ def test_the_embedding_trains_and_is_saved_beside_the_model(trained):
     assert trainer.weight_embedding.outer.weight.abs().sum() > 0  # it left zero: the policy learned to use w
     model_dir = folder / "model"
     assert (model_dir / WEIGHTS_FILE).exists() and (model_dir / CONFIG_FILE).exists()
-    assert not any("modpo_weight_embedding" in k for k in load_file(str(model_dir / "model.safetensors")))
+    weights_file = "adapter_model.safetensors" if (model_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    assert not any("modpo_weight_embedding" in k for k in load_file(str(model_dir / weights_file)))
     saved = WeightEmbedding.load(model_dir)
     for key, value in trainer.weight_embedding.state_dict().items():
         assert torch.equal(saved.state_dict()[key], value.cpu())
     checkpoint = folder / "run" / "checkpoint-2"  # checkpoints carry it too (resuming reads it back)
     assert (checkpoint / WEIGHTS_FILE).exists()
-    assert not any("modpo_weight_embedding" in k for k in load_file(str(checkpoint / "model.safetensors")))
+    assert not any("modpo_weight_embedding" in k for k in load_file(str(checkpoint / weights_file)))
     assert trainer.conditioner.record()["format"] == "embedding"
 
 

@@ -137,7 +137,7 @@ class MODPOTrainer(Trainer):
         self.weight_embedding = None  # the `embedding` format's c(w): a submodule of the policy while it trains
         if self.conditioner is not None and args.conditioning == "embedding":
             self.weight_embedding = WeightEmbedding.for_model(model, len(args.weights), seed=args.seed)
-            model.add_module(ATTRIBUTE, self.weight_embedding)  # trained, placed and saved with the policy
+            model.add_module(ATTRIBUTE, self.weight_embedding)  # trained and placed with it, saved beside it
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
                                       args.prefix_sharing, self.conditioner)
         if args.chunked_logps and args.ddp_find_unused_parameters is None:
