@@ -172,15 +172,19 @@ def _shared_costs(ctx: Context, used: set[str]) -> dict:
                     "device": sft.get("device"), "tokens": {"forward": sft_tokens, "backward": sft_tokens}}
     for name, path, data in (("harmless_dpo", ctx.harmless_dpo, ctx.harmless_data),
                              ("helpful_dpo", ctx.helpful_dpo, ctx.helpful_data)):
-        if name not in used or path is None:
-            continue
-        run = ctx.run(path)
-        reference = preference_pass_tokens(data, tokenizer, eos)
-        costs[name] = {"what": f"DPO on {Path(data).stem} pairs (+1 reference pass over them)",
-                       "wall_seconds": run["wall_seconds"], "device": run.get("device"),
-                       "tokens": {"forward": run["token_counts"]["forward"] + reference,
-                                  "backward": run["token_counts"]["backward"]}}
+        if name in used and path is not None:
+            costs[name] = dpo_cost(path, data, tokenizer, eos)
     return costs
+
+
+def dpo_cost(path, data: str, tokenizer, append_eos: bool) -> dict:
+    """The compute of a DPO model (`path`, trained on `data`): its run's and one reference pass over the data."""
+    run = json.loads((Path(path) / "modpo_run.json").read_text())
+    reference = preference_pass_tokens(data, tokenizer, append_eos)
+    return {"what": f"DPO on {Path(data).stem} pairs (+1 reference pass over them)",
+            "wall_seconds": run["wall_seconds"], "device": run.get("device"),
+            "tokens": {"forward": run["token_counts"]["forward"] + reference,
+                       "backward": run["token_counts"]["backward"]}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
