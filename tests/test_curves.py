@@ -149,3 +149,14 @@ def test_bad_seed_and_learning_rate_options_are_one_line_errors(capsys, tmp_path
     assert "distinct seeds" in capsys.readouterr().err
     assert main(["compare", "--output-dir", str(tmp_path / "d"), "--seeds", "0", "--learning-rates", "-1"]) != 0
     assert "--learning-rates" in capsys.readouterr().err
+
+
+def test_work_seconds_sum_the_runs_at_their_largest_budget_the_prerequisites_and_the_evaluations():
+    from modpo.experiments.curves_report import work_seconds
+
+    sampled = {**point(0.1, 0.2), "sampling_seconds": 2.0}
+    records = [{"curve": [{"budget": 0, "points": [sampled] * 5, "wall_seconds": 0.0},  # the SFT model: not counted
+                          {"budget": 10, "points": [sampled] * 5, "wall_seconds": 4.0},
+                          {"budget": 20, "points": [sampled] * 5, "wall_seconds": 8.0}]}]
+    seeds = {0: {"sft_wall_seconds": 3.0, "prerequisites": {"harmless_dpo": {"wall_seconds": 5.0}}}}
+    assert work_seconds(records, seeds) == {"training": 8.0 + 3.0 + 5.0, "evaluation": 2.0 * 10}

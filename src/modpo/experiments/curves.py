@@ -164,9 +164,9 @@ def _per_weight_curve(ctx: Seed, s: CurveSettings, runs: list[Path], once: dict)
             backward += run["token_counts"]["backward"] * share
             wall += run["wall_seconds"] * share
             points.append(_evaluate(ctx, folder, w, run_dir, f"step{step}_{run['config_hash'][:12]}"))
-        curve.append({"budget": per_run[0][i][0], "budget_unit": "steps per run", "share": per_run[0][i][0] / per_run[0][i][1],
-                      "points": points, "tokens": {"forward": round(forward), "backward": round(backward)},
-                      "wall_seconds": round(wall, 2)})
+        step, total, _ = per_run[0][i]
+        curve.append({"budget": step, "budget_unit": "steps per run", "share": step / total, "points": points,
+                      "tokens": {"forward": round(forward), "backward": round(backward)}, "wall_seconds": round(wall, 2)})
     return curve
 
 
@@ -236,7 +236,7 @@ def curve_soups(ctx: Seed, s: CurveSettings, lr: float, folder: Path) -> list[di
 def curve_bon(ctx: Seed, s: CurveSettings, lr: float | None, folder: Path) -> list[dict]:
     results = run_best_of_n_sizes(str(ctx.models["sft"]), _rewards(ctx, s), ctx.prompts, ctx.sampling,
                                   list(s.bon_sizes), s.weight_vectors(), ctx.evaluators)
-    return [{"budget": n, "budget_unit": "N (inference-time candidates per response)", "share": n / max(s.bon_sizes),
+    return [{"budget": n, "budget_unit": "candidates per response (N, at inference time)", "share": n / max(s.bon_sizes),
              "points": points, "tokens": compute["tokens"], "wall_seconds": compute["wall_seconds"]}
             for n, (points, compute) in results.items()]
 
@@ -311,12 +311,13 @@ def _run_curves(out: Path, s: CurveSettings) -> dict:
     records, seeds = [], {}
     for seed in s.seeds:
         ctx = _seed(out / f"seed{seed}", seed, s)
-        seeds[seed] = {"optimal_points": ctx.optimal, "prerequisites": prerequisite_costs(ctx)}
+        seeds[seed] = {"optimal_points": ctx.optimal, "prerequisites": prerequisite_costs(ctx),
+                       "sft_wall_seconds": _run(ctx.models["sft"])["wall_seconds"]}
         for method in [m for m in METHODS if m in s.methods]:
             for lr in (s.learning_rates if method in TRAINED else [None]):
                 records.append(_curve(ctx, s, method, lr))
     meta = {"settings": s.record(), "reference_point": REFERENCE_POINT, "device": device_description(),
             "prerequisites_of": PREREQUISITES, "evaluator": DemoExactEvaluator().describe(),
             "sampling": ctx.sampling.record(), "num_prompts": len(ctx.prompts),
-            "sweep_wall_seconds": round(time.time() - started, 2)}
+            "sweep_wall_seconds": round(time.time() - started, 2)}  # this invocation, reusing finished work
     return write_curves(out / "report", records, seeds, meta)

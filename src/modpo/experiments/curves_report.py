@@ -33,7 +33,7 @@ def curve_rows(record: dict, seed_info: dict, reference) -> list[dict]:
         for name in record["prerequisites"]:
             total = {k: total[k] + prerequisites[name]["tokens"][k] for k in total}
             wall += prerequisites[name]["wall_seconds"]
-        rows.append({"budget": b["budget"], "own_compute": compute(b["tokens"]), "compute": compute(total),
+        rows.append({"budget": b["budget"], "unit": b.get("budget_unit", ""), "own_compute": compute(b["tokens"]), "compute": compute(total),
                      "own_wall_seconds": b["wall_seconds"], "wall_seconds": round(wall, 2),
                      "fraction": fraction_of_optimum(values, seed_info["optimal_points"], reference),
                      "tokens": b["tokens"], "total_tokens": total})
@@ -57,13 +57,15 @@ def summarize_curves(records: list[dict], seeds: dict, meta: dict) -> dict:
         per_seed_reach = [compute_to_reach([b["compute"] for b in c], [b["fraction"] for b in c], THRESHOLD)
                           for c in curves]
         methods[method][_lr_key(lr)] = {
-            "learning_rate": lr, "budgets": [b["budget"] for b in curves[0]], "curve": mean_curve,
+            "learning_rate": lr, "budgets": [b["budget"] for b in curves[0]], "budget_unit": curves[0][-1]["unit"],
+            "curve": mean_curve,
             "per_seed": {s: by_seed[s] for s in sorted(by_seed)},
             "best": {"budget": curves[0][best]["budget"], **mean_curve[best]["fraction"]},
             "best_per_seed": spread([max(b["fraction"] for b in c) for c in curves]),
             "final": mean_curve[-1]["fraction"],
             "compute_to_threshold": compute_to_reach([b["compute"]["mean"] for b in mean_curve], ys, THRESHOLD),
             "threshold_at_first_budget": ys[0] >= THRESHOLD,  # then the compute to it is at most the first budget's
+            "own_compute_to_threshold": compute_to_reach([b["own_compute"]["mean"] for b in mean_curve], ys, THRESHOLD),
             "wall_to_threshold": compute_to_reach([b["wall_seconds"]["mean"] for b in mean_curve], ys, THRESHOLD),
             "compute_to_threshold_per_seed": per_seed_reach}
     summary = {}
@@ -107,6 +109,18 @@ def claims(summary: dict) -> dict:
     return out
 
 
+def work_seconds(records: list[dict], seeds: dict) -> dict:
+    """The wall seconds of the work behind the report, as first done: every run at its largest budget, the SFT
+    and DPO prerequisites, and the sampling and scoring of every point (from their records, so a rerun that
+    reuses them reports the same)."""
+    training = sum(r["curve"][-1]["wall_seconds"] for r in records) + sum(
+        info["sft_wall_seconds"] + sum(p["wall_seconds"] for p in info["prerequisites"].values())
+        for info in seeds.values())
+    evaluation = sum(p.get("sampling_seconds") or 0 for r in records for b in r["curve"] if b["budget"]
+                     for p in b["points"])
+    return {"training": round(training, 1), "evaluation": round(evaluation, 1)}
+
+
 def _fmt(x, digits=3) -> str:
     return "not reached" if x is None else (f"{x:,.0f}" if x >= 1000 else f"{x:.{digits}g}")
 
@@ -118,12 +132,14 @@ def curves_markdown(summary: dict, verdicts: dict, meta: dict) -> str:
              f"on {meta['num_prompts']} prompts x {meta['sampling']['samples_per_prompt']} samples. Quality: the "
              "hypervolume of a method's front (reference point [0, 0]) as a fraction of the exact optimum's at the "
              "same weights (under that seed's SFT model). Compute: tokens forward + 2 x backward, totals including "
-             f"each method's prerequisites. Device: {meta['device']}. Sweep wall time: "
-             f"{meta['sweep_wall_seconds']:.0f} s.", "",
+             f"each method's prerequisites. Device: {meta['device']}. Work behind it: "
+             f"{meta['work_seconds']['training']:.0f} s of training and {meta['work_seconds']['evaluation']:.0f} s of "
+             f"sampling and scoring (their own records); this invocation took {meta['sweep_wall_seconds']:.0f} s, "
+             "reusing what was finished.", "",
              f"Learning-rate grid for every trained method: {s['learning_rates']}; per method the rate with the best "
              "mean final fraction is chosen.", "",
              "| method | chosen lr | best fraction (mean ± std) | min–max over seeds | at budget | final fraction | "
-             f"compute to {THRESHOLD:.0%} (tokens) | wall to {THRESHOLD:.0%} (s) | largest budget: compute, wall s |",
+             f"compute to {THRESHOLD:.0%}: total (own) | wall s to {THRESHOLD:.0%} | largest budget: compute, wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary.items():
         c = m["chosen"]
@@ -131,8 +147,9 @@ def curves_markdown(summary: dict, verdicts: dict, meta: dict) -> str:
         last = c["curve"][-1]
         first = "≤ " if c["threshold_at_first_budget"] else ""
         lines.append(f"| {m['label']} | {lr} | {c['best']['mean']:.3f} ± {c['best']['std']:.3f} | "
-                     f"{c['best']['min']:.3f}–{c['best']['max']:.3f} | {c['best']['budget']} | "
-                     f"{c['final']['mean']:.3f} ± {c['final']['std']:.3f} | {first}{_fmt(c['compute_to_threshold'])} | "
+                     f"{c['best']['min']:.3f}–{c['best']['max']:.3f} | {c['best']['budget']} {c['budget_unit']} | "
+                     f"{c['final']['mean']:.3f} ± {c['final']['std']:.3f} | {first}{_fmt(c['compute_to_threshold'])} "
+                     f"({first}{_fmt(c['own_compute_to_threshold'])}) | "
                      f"{first}{_fmt(c['wall_to_threshold'])} | {last['compute']['mean']:,.0f}, {last['wall_seconds']['mean']:.0f} |")
     lines += ["", "## Every grid point", "", "| method | lr | budgets | fraction per budget (mean ± std) | "
               "total compute per budget (mean) |", "|---|---|---|---|---|"]
@@ -145,6 +162,8 @@ def curves_markdown(summary: dict, verdicts: dict, meta: dict) -> str:
     for name, v in verdicts.items():
         lines.append(f"- ({name}) {v['claim']}: **{'holds' if v['holds'] else 'does not hold'}** ({v['rule']}).")
         if name == "a":
+            lines.append("  Best fraction per method: " + ", ".join(
+                f"{summary[k]['label']} {b['mean']:.3f} ± {b['std']:.3f}" for k, b in v["best_fraction"].items()) + ".")
             d = v["modpo_minus_morlhf"]
             lines.append(f"  MODPO - MORLHF best fraction: {d['mean']:+.3f} ± {d['std']:.3f} "
                          f"(min {d['min']:+.3f}, max {d['max']:+.3f}).")
@@ -183,6 +202,7 @@ def plot_curves(summary: dict, path: Path) -> None:
 def write_curves(folder: Path, records: list[dict], seeds: dict, meta: dict) -> dict:
     """curves.md, .json, .csv and the plot curves.png in `folder`; returns the JSON document."""
     folder.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "work_seconds": work_seconds(records, seeds)}
     summary = summarize_curves(records, seeds, meta)
     verdicts = claims(summary)
     document = {"summary": summary, "claims": verdicts, "threshold": THRESHOLD, "seeds": seeds, **meta}
