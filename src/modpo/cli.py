@@ -12,7 +12,8 @@ from pathlib import Path
 from modpo.config import MODPOConfig
 from modpo.demo.pipeline import run_demo
 from modpo.errors import ModpoError, WriteError
-from modpo.experiments.compare import run_compare
+from modpo.experiments.compare import METHODS, run_compare
+from modpo.experiments.curves import CurveSettings, run_curves
 from modpo.front.generate import SamplingSettings
 from modpo.front.steer import steer
 from modpo.front.sweep import EVALUATION_KEYS, run_front
@@ -102,8 +103,15 @@ def _parser() -> argparse.ArgumentParser:
                                          ".csv/.png under OUTPUT_DIR/report. Finished work is reused on rerun.")
     compare.add_argument("--output-dir", default="runs/compare", help="where everything goes (default: runs/compare)")
     compare.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training (default: 0)")
-    compare.add_argument("--methods", default="modpo,soups,dpo_lw,bon,morlhf",
-                         help="comma-separated subset of modpo,soups,dpo_lw,bon,morlhf (default: all)")
+    compare.add_argument("--methods", default=None,
+                         help="comma-separated subset of modpo,soups,dpo_lw,bon,morlhf,conditioned,mixing (default: "
+                              "all; with --seeds, the five with a budget to sweep: modpo,soups,dpo_lw,bon,morlhf)")
+    compare.add_argument("--seeds", default=None,
+                         help="comma-separated seeds, e.g. 0,1,2: every method as a compute-vs-quality curve over "
+                              "these seeds, written to OUTPUT_DIR/report/curves.md/.json/.png (default: one run at "
+                              "--seed)")
+    compare.add_argument("--learning-rates", default=None,
+                         help="with --seeds: the learning-rate grid every trained method gets (default: 1e-3,3e-3)")
     return parser
 
 
@@ -165,8 +173,20 @@ def _run(args) -> int:
             print(f"done: {out}")
         return 0
     if args.command == "compare":
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        document = run_compare(args.output_dir, seed=args.seed, methods=methods)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+        if args.seeds is not None:
+            settings = CurveSettings(seeds=tuple(_numbers(args.seeds, "--seeds", int)))
+            if methods is not None:
+                settings.methods = tuple(methods)
+            if args.learning_rates is not None:
+                settings.learning_rates = tuple(_numbers(args.learning_rates, "--learning-rates", float))
+            document = run_curves(args.output_dir, settings)
+            _print_report(Path(args.output_dir) / "report", "curves",
+                          f"Curves finished in {document['sweep_wall_seconds']:.0f} s.")
+            return 0
+        if args.learning_rates is not None:
+            raise ModpoError("--learning-rates: only with --seeds (the curves over seeds)")
+        document = run_compare(args.output_dir, seed=args.seed, methods=methods or METHODS)
         _print_report(Path(args.output_dir) / "report", "comparison",
                       f"Comparison finished in {document['compare_wall_seconds']:.0f} s.")
         return 0
@@ -194,6 +214,17 @@ def _run(args) -> int:
         out = STAGES[args.command](cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"saved to {out}")
     return 0
+
+
+def _numbers(text: str, option: str, kind) -> list:
+    """Comma-separated numbers of one kind, or a one-line error naming the option."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ModpoError(f"{option} {text!r}: expected comma-separated {kind.__name__} values") from None
+    if not values:
+        raise ModpoError(f"{option}: give at least one value")
+    return values
 
 
 def _print_report(folder: Path, stem: str, footer: str) -> None:

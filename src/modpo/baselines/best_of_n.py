@@ -54,27 +54,49 @@ def sample_candidates(model, tokenizer, prompts: list, settings, n: int) -> tupl
 def run_best_of_n(sft, rewards, prompts: list, settings, n: int, weight_vectors: Sequence[Sequence[float]],
                   evaluators, name_of=None) -> tuple[list[dict], dict]:
     """Points of the Best-of-N front (scored by `evaluators`) and the compute record."""
+    return run_best_of_n_sizes(sft, rewards, prompts, settings, [n], weight_vectors, evaluators, name_of)[n]
+
+
+def first_of_groups(candidates: list[dict], scores: torch.Tensor, pool: int, n: int) -> tuple[list[dict], torch.Tensor]:
+    """From groups of `pool` candidates, the first `n` of every group: best-of-n from a best-of-pool sample."""
+    keep = [g * pool + j for g in range(len(candidates) // pool) for j in range(n)]
+    return [candidates[i] for i in keep], scores[keep]
+
+
+def run_best_of_n_sizes(sft, rewards, prompts: list, settings, sizes: Sequence[int],
+                        weight_vectors: Sequence[Sequence[float]], evaluators, name_of=None) -> dict:
+    """Best-of-N at every N in `sizes`, from one pool of max(sizes) candidates per response (best-of-n takes the
+    first n of each group): {n: (points, compute)}. The compute of N = n is the pool's scaled by n / max(sizes):
+    the tokens and seconds n candidates take."""
 
     name_of = name_of or point_name
+    pool = max(sizes)
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(str(sft))
     model = load_model(str(sft)).to(device) if isinstance(sft, str) else sft
-    candidates, sampling_tokens = sample_candidates(model, tokenizer, prompts, settings, n)
+    candidates, sampling_tokens = sample_candidates(model, tokenizer, prompts, settings, pool)
     sampled = time.time()
     before = rewards.forward_tokens
     scores = rewards.score([c["prompt"] for c in candidates], [c["response"] for c in candidates])
     scoring_tokens = rewards.forward_tokens - before
     scored = time.time()
-    points = []
-    for weights in weight_vectors:
-        chosen = select_best(candidates, scores, n, weights)
-        columns, malformed, objectives = score_samples(evaluators, chosen)
-        points.append(summarize(name_of(list(weights)), list(weights), columns, objectives, malformed,
-                                {"n_candidates": n}))
-    compute = {"wall_seconds": round(scored - started, 2), "sampling_seconds": round(sampled - started, 2),
-               "scoring_seconds": round(scored - sampled, 2), "device": device,
-               "tokens": {"forward": sampling_tokens + scoring_tokens, "backward": 0},
-               "token_detail": {"sampling_forward": sampling_tokens, "scoring_forward": scoring_tokens},
-               "n": n, "candidates": len(candidates)}
-    return points, compute
+    results = {}
+    for n in sizes:
+        group, group_scores = first_of_groups(candidates, scores, pool, n)
+        points = []
+        for weights in weight_vectors:
+            chosen = select_best(group, group_scores, n, weights)
+            columns, malformed, objectives = score_samples(evaluators, chosen)
+            points.append(summarize(name_of(list(weights)), list(weights), columns, objectives, malformed,
+                                    {"n_candidates": n}))
+        share = n / pool
+        compute = {"wall_seconds": round((scored - started) * share, 2),
+                   "sampling_seconds": round((sampled - started) * share, 2),
+                   "scoring_seconds": round((scored - sampled) * share, 2), "device": device,
+                   "tokens": {"forward": round((sampling_tokens + scoring_tokens) * share), "backward": 0},
+                   "token_detail": {"sampling_forward": round(sampling_tokens * share),
+                                    "scoring_forward": round(scoring_tokens * share)},
+                   "n": n, "candidates": len(group)}
+        results[n] = (points, compute)
+    return results

@@ -11,12 +11,17 @@ token. The models run on the whole sequence at each step (no KV cache): simple, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 
 from modpo.data.encode import encode_prompt
+from modpo.front.evaluators import score_samples
 from modpo.front.generate import SamplingSettings
+from modpo.front.report import summarize
+from modpo.front.sweep import point_name
+from modpo.models import load_model, load_tokenizer
 from modpo.progress import bar
 
 
@@ -78,3 +83,21 @@ def sample_mixed(models: Sequence[torch.nn.Module], weights: Sequence[float], to
         for (i, s), row in zip(batch, ids[:, width:]):
             results.append({"prompt": prompts[i], "response": tokenizer.decode(row, skip_special_tokens=True), "sample": s})
     return results, tokens
+
+
+def run_mixing(model_dirs: Sequence[str], weight_vectors: Sequence[Sequence[float]], prompts: list,
+               settings: SamplingSettings, evaluators) -> tuple[list[dict], dict]:
+    """Points of the mixing front (one per weight vector, scored by `evaluators`) and the compute record."""
+    started = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(str(model_dirs[0]))
+    models = [load_model(str(d)).to(device) for d in model_dirs]
+    points, tokens = [], 0
+    for weights in weight_vectors:
+        samples, spent = sample_mixed(models, weights, tokenizer, prompts, settings, desc=f"mixing w = {list(weights)}")
+        tokens += spent
+        columns, malformed, objectives = score_samples(evaluators, samples)
+        points.append(summarize(point_name(list(weights)), list(weights), columns, objectives, malformed, {}))
+    compute = {"wall_seconds": round(time.time() - started, 2), "device": device,
+               "tokens": {"forward": tokens, "backward": 0}, "token_detail": {"sampling_forward": tokens}}
+    return points, compute

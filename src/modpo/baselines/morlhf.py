@@ -43,9 +43,13 @@ class MORLHFSettings:
     min_new_tokens: int = 0
     temperature: float = 1.0
     seed: int = 0
+    save_fraction: float = 0.0        # > 0: a checkpoint every this fraction of the steps (a budget curve)
 
     def record(self) -> dict:
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(self)
+        if not self.save_fraction:  # runs without checkpoints keep the identity they had before the option
+            del record["save_fraction"]
+        return record
 
 
 def reward_functions(rewards) -> list:
@@ -102,7 +106,9 @@ def rloo_config(output_dir: str, weights, settings: MORLHFSettings):
         max_completion_length=settings.max_completion_length, temperature=settings.temperature,
         generation_kwargs={"min_new_tokens": settings.min_new_tokens} if settings.min_new_tokens else None,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant", max_steps=settings.steps,
-        logging_steps=max(1, settings.steps // 5), save_strategy="no", report_to=[], disable_tqdm=True,
+        logging_steps=max(1, settings.steps // 5), report_to=[], disable_tqdm=True,
+        save_strategy="steps" if settings.save_fraction else "no", save_steps=settings.save_fraction or 500,
+        save_only_model=True,
         seed=settings.seed, bf16=False, gradient_checkpointing=False, use_cpu=cpu, dataloader_num_workers=0,
     )
 

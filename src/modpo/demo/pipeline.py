@@ -104,36 +104,52 @@ def run_demo(output_dir: str = "runs/demo", weights=DEFAULT_WEIGHTS, seed: int =
         torch.set_num_threads(threads)
 
 
-def _run_demo(out: Path, weights, seed: int, beta: float, overwrite: bool, say, conditioned: bool) -> dict:
-    started = time.time()
+def evaluation_settings(seed: int) -> dict:
+    """The demo front's evaluation: its prompts, sampling settings and exact evaluator (a FrontConfig.evaluation)."""
+    return {"prompts": task.eval_prompts(64, seed + 3), "samples_per_prompt": 4,
+            "max_new_tokens": task.RESPONSE_LENGTH, "min_new_tokens": task.RESPONSE_LENGTH,
+            "temperature": 1.0, "seed": seed, "evaluators": [{"type": "demo_exact"}], "reference_point": [0.0, 0.0]}
+
+
+def prepare_models(out: Path, seed: int, beta: float, overwrite: bool = False, say=logger.info) -> dict:
+    """The data, the SFT model and the margin model (DPO on harmlessness) of the demo, trained or reused.
+
+    Returns their paths (sft, harmless_dpo, and the data files helpful, harmless) and `preference_training`, the
+    trainer settings every preference run of the demo starts from."""
     stages = _Stages(say)
     inputs = prepare_inputs(out, seed, overwrite)
     stages.done("data and initial model")
-    sft_data, helpful, harmless, init = inputs["sft"], inputs["helpful"], inputs["harmless"], inputs["init"]
-
-    sft = run_sft(StageConfig(model=init, output_dir=str(out / "sft"), train_data=sft_data, training={
+    sft = run_sft(StageConfig(model=inputs["init"], output_dir=str(out / "sft"), train_data=inputs["sft"], training={
         **COMMON, "num_train_epochs": 4, "per_device_train_batch_size": 64, "learning_rate": 3e-3,
         "max_length": 32, "seed": seed}), overwrite=overwrite)
     stages.done("SFT (or reused)")
     # Responses are exactly RESPONSE_LENGTH words: no eos is scored, and sampling draws exactly that many.
     preference_training = {**COMMON, "append_eos": False, "beta": beta, "max_length": 32, "seed": seed}
-    margin_model = run_preference(StageConfig(model=str(sft), output_dir=str(out / "harmless_dpo"), train_data=harmless,
+    margin_model = run_preference(StageConfig(model=str(sft), output_dir=str(out / "harmless_dpo"),
+                                              train_data=inputs["harmless"],
                                               training={**preference_training, **MARGIN_TRAINING}),
                                   "dpo", overwrite=overwrite)
     stages.done("margin model: DPO on harmlessness (or reused)")
+    return {"sft": sft, "harmless_dpo": margin_model, "helpful": inputs["helpful"], "harmless": inputs["harmless"],
+            "preference_training": preference_training}
+
+
+def _run_demo(out: Path, weights, seed: int, beta: float, overwrite: bool, say, conditioned: bool) -> dict:
+    started = time.time()
+    models = prepare_models(out, seed, beta, overwrite, say)
+    stages = _Stages(say)
+    sft, margin_model = models["sft"], models["harmless_dpo"]
     vectors = [[w, round(1 - w, 6)] for w in weights]
     front = FrontConfig(
         output_dir=str(out / "front"),
         weights=vectors,
         conditioned={**CONDITIONED, "weight_list": vectors} if conditioned else {},
         conditioned_weights=[[w, round(1 - w, 6)] for w in CONDITIONED_WEIGHTS] if conditioned else [],
-        train={"model": str(sft), "train_data": helpful, "training": {**preference_training, **MODPO_TRAINING},
+        train={"model": str(sft), "train_data": models["helpful"],
+               "training": {**models["preference_training"], **MODPO_TRAINING},
                "margins": [{"type": "implicit_reward", "model": str(margin_model), "ref_model": str(sft), "beta": beta,
                             "append_eos": False}]},
-        evaluation={"prompts": task.eval_prompts(64, seed + 3), "samples_per_prompt": 4,
-                    "max_new_tokens": task.RESPONSE_LENGTH, "min_new_tokens": task.RESPONSE_LENGTH,
-                    "temperature": 1.0, "seed": seed, "evaluators": [{"type": "demo_exact"}],
-                    "reference_point": [0.0, 0.0], "extra_models": {"sft": str(sft)}},
+        evaluation={**evaluation_settings(seed), "extra_models": {"sft": str(sft)}},
     )
     optimum = exact_optimum(str(sft), front.evaluation["prompts"], beta)  # under the SFT model, the reference
     stages.done("exact optimum under the SFT model")

@@ -11,6 +11,8 @@ backward passes):
 * dpo_lw  DPO LW: DPO on helpful + harmless pairs, each row's loss weighted by its objective's weight.
 * bon     Best-of-N from the SFT model under w . r, r = the two DPO models' implicit rewards.
 * morlhf  RLOO (TRL) on w . r with a KL penalty (same beta), from the SFT model, same rewards.
+* conditioned  the demo's one weight-conditioned MODPO model, trained once, at every weight.
+* mixing  decoding-time mixing (MOD) of the helpful and harmless DPO models: softmax(sum_k w_k log pi_k).
 
 The demo pipeline always runs first, whatever `methods` says: every baseline uses its SFT model, data and
 margin model (and reuses them when they are already there). Shared prerequisites are trained once and costed separately: the SFT model (every method), the harmless
@@ -35,6 +37,7 @@ import torch
 
 from modpo.baselines.best_of_n import run_best_of_n
 from modpo.baselines.dpo_lw import train_dpo_lw
+from modpo.baselines.mixing import run_mixing as mix
 from modpo.baselines.morlhf import MORLHFSettings, train_morlhf
 from modpo.baselines.rewards import ImplicitRewards
 from modpo.baselines.soups import make_soup
@@ -54,9 +57,10 @@ from modpo.stages import run_preference
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("modpo", "soups", "dpo_lw", "bon", "morlhf")
+METHODS = ("modpo", "soups", "dpo_lw", "bon", "morlhf", "conditioned", "mixing")
 PREREQUISITES = {"modpo": ["harmless_dpo"], "soups": ["helpful_dpo", "harmless_dpo"], "dpo_lw": [],
-                 "bon": ["helpful_dpo", "harmless_dpo"], "morlhf": ["helpful_dpo", "harmless_dpo"]}
+                 "bon": ["helpful_dpo", "harmless_dpo"], "morlhf": ["helpful_dpo", "harmless_dpo"],
+                 "conditioned": ["harmless_dpo"], "mixing": ["helpful_dpo", "harmless_dpo"]}
 POINTS_FILE = "points.json"
 
 
@@ -172,15 +176,19 @@ def _shared_costs(ctx: Context, used: set[str]) -> dict:
                     "device": sft.get("device"), "tokens": {"forward": sft_tokens, "backward": sft_tokens}}
     for name, path, data in (("harmless_dpo", ctx.harmless_dpo, ctx.harmless_data),
                              ("helpful_dpo", ctx.helpful_dpo, ctx.helpful_data)):
-        if name not in used or path is None:
-            continue
-        run = ctx.run(path)
-        reference = preference_pass_tokens(data, tokenizer, eos)
-        costs[name] = {"what": f"DPO on {Path(data).stem} pairs (+1 reference pass over them)",
-                       "wall_seconds": run["wall_seconds"], "device": run.get("device"),
-                       "tokens": {"forward": run["token_counts"]["forward"] + reference,
-                                  "backward": run["token_counts"]["backward"]}}
+        if name in used and path is not None:
+            costs[name] = dpo_cost(path, data, tokenizer, eos)
     return costs
+
+
+def dpo_cost(path, data: str, tokenizer, append_eos: bool) -> dict:
+    """The compute of a DPO model (`path`, trained on `data`): its run's and one reference pass over the data."""
+    run = json.loads((Path(path) / "modpo_run.json").read_text())
+    reference = preference_pass_tokens(data, tokenizer, append_eos)
+    return {"what": f"DPO on {Path(data).stem} pairs (+1 reference pass over them)",
+            "wall_seconds": run["wall_seconds"], "device": run.get("device"),
+            "tokens": {"forward": run["token_counts"]["forward"] + reference,
+                       "backward": run["token_counts"]["backward"]}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,9 +199,9 @@ def _method_key(ctx: Context, method: str) -> str:
     identity = {"method": method, "weights": ctx.settings.weight_vectors(), "seed": ctx.settings.seed,
                 "beta": ctx.settings.beta, "eval": ctx.eval_key, "sft": ctx.run(ctx.sft)["config_hash"],
                 "harmless_dpo": ctx.run(ctx.harmless_dpo)["config_hash"]}
-    if method == "modpo":
+    if method in ("modpo", "conditioned"):
         identity["front"] = json.loads((ctx.demo / "front" / "front.json").read_text())["points"]
-    if method in ("soups", "bon", "morlhf"):
+    if method in ("soups", "bon", "morlhf", "mixing"):
         identity["helpful_dpo"] = ctx.run(_helpful_dpo(ctx))["config_hash"]
     if method == "bon":
         identity["n"] = ctx.settings.bon_n
@@ -213,14 +221,19 @@ def _evaluate(ctx: Context, run_dir: Path, weights, extra=None) -> dict:
     return evaluate_model(run_dir, point_name(weights), weights, ctx.prompts, ctx.sampling, ctx.evaluators, extra)
 
 
+def _precompute_tokens(ctx: Context) -> int:
+    """Forward tokens computed once for every MODPO run (cached): SFT reference log-probs, margin model and its
+    reference, over the helpful pairs."""
+    return 3 * preference_pass_tokens(ctx.helpful_data, load_tokenizer(str(ctx.sft)),
+                                      bool(ctx.training.get("append_eos", True)))
+
+
 def run_modpo(ctx: Context) -> dict:
     front = json.loads((ctx.demo / "front" / "front.json").read_text())
-    points = [p for p in front["points"] if p.get("weights") is not None]
+    points = [p for p in front["points"] if p.get("method") == "modpo"]
     runs = [ctx.run(ctx.demo / "front" / "points" / p["name"]) for p in points]
     tokens = _sum_runs(runs)
-    # Computed once for the whole front (cached): SFT reference log-probs, margin model and its reference.
-    precompute = 3 * preference_pass_tokens(ctx.helpful_data, load_tokenizer(str(ctx.sft)),
-                                            bool(ctx.training.get("append_eos", True)))
+    precompute = _precompute_tokens(ctx)
     tokens["forward"] += precompute
     compute = {"wall_seconds": round(sum(r["wall_seconds"] for r in runs), 2), "device": runs[0].get("device"),
                "tokens": tokens, "token_detail": {"training": _sum_runs(runs), "precompute_forward": precompute},
@@ -295,7 +308,32 @@ def run_morlhf(ctx: Context) -> dict:
     return {"points": points, "compute": compute}
 
 
-RUNNERS = {"modpo": run_modpo, "soups": run_soups, "dpo_lw": run_dpo_lw, "bon": run_bon, "morlhf": run_morlhf}
+def run_conditioned(ctx: Context) -> dict:
+    """The demo's one weight-conditioned model (trained once beside its front), at the comparison's weights."""
+    front = json.loads((ctx.demo / "front" / "front.json").read_text())
+    wanted = ctx.settings.weight_vectors()
+    points = [{**p, "name": point_name(p["weights"])} for p in front["points"]
+              if p.get("method") == "conditioned" and p["weights"] in wanted]
+    if len(points) != len(wanted):
+        raise ConfigError(f"the demo's conditioned model was not evaluated at every weight vector of {wanted}")
+    run = ctx.run(ctx.demo / "front" / "conditioned")
+    precompute = _precompute_tokens(ctx)
+    tokens = {"forward": run["token_counts"]["forward"] + precompute, "backward": run["token_counts"]["backward"]}
+    compute = {"wall_seconds": run["wall_seconds"], "device": run.get("device"), "tokens": tokens,
+               "token_detail": {"training": run["token_counts"], "precompute_forward": precompute},
+               "note": "one model for every weight vector, trained once; the same precompute as MODPO's"}
+    return {"points": points, "compute": compute}
+
+
+def run_mixing(ctx: Context) -> dict:
+    points, compute = mix([str(_helpful_dpo(ctx)), str(ctx.harmless_dpo)], ctx.settings.weight_vectors(), ctx.prompts,
+                          ctx.sampling, ctx.evaluators)
+    compute["note"] = "no training; both DPO models run on every generated token, at inference time"
+    return {"points": points, "compute": compute}
+
+
+RUNNERS = {"modpo": run_modpo, "soups": run_soups, "dpo_lw": run_dpo_lw, "bon": run_bon, "morlhf": run_morlhf,
+           "conditioned": run_conditioned, "mixing": run_mixing}
 
 
 def _run_method(ctx: Context, method: str) -> dict:

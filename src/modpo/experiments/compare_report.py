@@ -11,7 +11,8 @@ from pathlib import Path
 from modpo.cache import write_atomic
 from modpo.front.report import front_statistics, non_dominated, plot_fronts, table
 
-LABELS = {"modpo": "MODPO", "soups": "DPO soups", "dpo_lw": "DPO LW", "bon": "Best-of-N", "morlhf": "MORLHF"}
+LABELS = {"modpo": "MODPO", "soups": "DPO soups", "dpo_lw": "DPO LW", "bon": "Best-of-N", "morlhf": "MORLHF",
+          "conditioned": "MODPO, one conditioned model", "mixing": "Decoding-time mixing"}
 REFERENCE_POINT = [0.0, 0.0]
 
 

@@ -184,6 +184,13 @@ def plot_fronts(fronts: dict[str, list[dict]], objectives: tuple[str, ...], path
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out `fig`, write it as a PNG to `path` (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
