@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from modpo.data.encode import scoring_ids
 from modpo.front.steer import steering
 from modpo.logps import batched_pair_logps
@@ -33,7 +31,6 @@ def pair_ids(data, tokenizer, max_length: int):
 
 
 def main(front: Path, base: str, spec: dict, max_length: int) -> None:
-    torch.set_num_threads(1)
     tokenizer = load_tokenizer(base)
     data, _ = load_data(spec, "held-out pairs")
     ids = pair_ids(data, tokenizer, max_length)
