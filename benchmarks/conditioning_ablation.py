@@ -33,8 +33,7 @@ VARIANTS = {  # name: the conditioned model's training settings
 
 def main(demo: Path, out: Path) -> None:
     torch.set_num_threads(1)
-    vectors = [[w, round(1 - w, 6)] for w in DEFAULT_WEIGHTS]
-    asked = [[w, round(1 - w, 6)] for w in CONDITIONED_WEIGHTS]
+    vectors, asked = task.weight_vectors(DEFAULT_WEIGHTS), task.weight_vectors(CONDITIONED_WEIGHTS)
     front = json.loads((demo / "front" / "front.json").read_text())
     per_weight = [p for p in front["points"] if p.get("method") == "modpo"]
     mean = lambda p: [p["helpful"]["mean"], p["harmless"]["mean"]]

@@ -18,7 +18,7 @@ import torch
 
 from modpo.data.encode import encode_prompt
 from modpo.front.evaluators import score_samples
-from modpo.front.generate import SamplingSettings
+from modpo.front.generate import SamplingSettings, left_padded
 from modpo.front.report import summarize
 from modpo.front.sweep import point_name
 from modpo.models import load_model, load_tokenizer
@@ -58,9 +58,8 @@ def sample_mixed(models: Sequence[torch.nn.Module], weights: Sequence[float], to
     for start in bar(range(0, len(jobs), settings.batch_size), desc=desc, unit="batch", leave=False):
         batch = jobs[start : start + settings.batch_size]
         generator = torch.Generator(device="cpu").manual_seed(settings.seed + start)
-        width = max(len(encoded[i]) for i, _ in batch)  # left-padded, as `modpo.front.generate` does
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i, _ in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i, _ in batch], device=device)
+        ids, mask = left_padded([encoded[i] for i, _ in batch], pad, device)
+        width = ids.shape[1]
         done = torch.zeros(len(batch), dtype=torch.bool, device=device)
         for step in range(settings.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -77,7 +76,8 @@ def sample_mixed(models: Sequence[torch.nn.Module], weights: Sequence[float], to
             chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
             ids = torch.cat([ids, chosen[:, None]], dim=1)
             mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-            done |= chosen == eos if eos is not None else torch.zeros_like(done)
+            if eos is not None:
+                done |= chosen == eos
             if bool(done.all()):
                 break
         for (i, s), row in zip(batch, ids[:, width:]):

@@ -139,12 +139,12 @@ def _run_demo(out: Path, weights, seed: int, beta: float, overwrite: bool, say, 
     models = prepare_models(out, seed, beta, overwrite, say)
     stages = _Stages(say)
     sft, margin_model = models["sft"], models["harmless_dpo"]
-    vectors = [[w, round(1 - w, 6)] for w in weights]
+    vectors = task.weight_vectors(weights)
     front = FrontConfig(
         output_dir=str(out / "front"),
         weights=vectors,
         conditioned={**CONDITIONED, "weight_list": vectors} if conditioned else {},
-        conditioned_weights=[[w, round(1 - w, 6)] for w in CONDITIONED_WEIGHTS] if conditioned else [],
+        conditioned_weights=task.weight_vectors(CONDITIONED_WEIGHTS) if conditioned else [],
         train={"model": str(sft), "train_data": models["helpful"],
                "training": {**models["preference_training"], **MODPO_TRAINING},
                "margins": [{"type": "implicit_reward", "model": str(margin_model), "ref_model": str(sft), "beta": beta,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
+
 from modpo.models import word_tokenizer
 
 OBJECTIVES = ("helpful", "harmless")
@@ -31,6 +33,11 @@ _SLOT_REWARDS = [
     (math.sin(theta), math.cos(theta))
     for theta in (math.pi / 2 * s / (_TRADE_OFF_SLOTS - 1) for s in range(_TRADE_OFF_SLOTS))
 ] + [(0.1, 0.1), (0.0, 0.2)]
+
+
+def weight_vectors(helpful: Sequence[float]) -> list[list[float]]:
+    """(w_helpful, w_harmless) = (w, 1 - w) for each w, the second rounded so that printing shows what was meant."""
+    return [[float(w), round(1 - float(w), 6)] for w in helpful]
 
 
 def vocabulary() -> list[str]:

@@ -81,7 +81,7 @@ class CompareSettings:
         max_completion_length=task.RESPONSE_LENGTH, min_new_tokens=task.RESPONSE_LENGTH))
 
     def weight_vectors(self) -> list[list[float]]:
-        return [[float(w), round(1 - float(w), 6)] for w in self.weights]
+        return task.weight_vectors(self.weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from modpo.cache import write_atomic
-from modpo.front.report import front_statistics, non_dominated, plot_fronts, table
+from modpo.front.report import front_statistics, means, non_dominated, plot_fronts, table
 
 LABELS = {"modpo": "MODPO", "soups": "DPO soups", "dpo_lw": "DPO LW", "bon": "Best-of-N", "morlhf": "MORLHF",
           "conditioned": "MODPO, one conditioned model", "mixing": "Decoding-time mixing"}
@@ -24,7 +24,7 @@ def summarize_methods(records: dict[str, dict], shared: dict, reference: list[fl
     """Per method: hypervolume, non-dominated points (own front and joint front), own and total compute."""
     objectives = objectives_of(next(iter(records.values()))["points"])
     everything = [(m, p) for m, r in records.items() for p in r["points"]]
-    joint = non_dominated([[p[o]["mean"] for o in objectives] for _, p in everything])
+    joint = non_dominated(means([p for _, p in everything], objectives))
     joint_names = {(everything[i][0], everything[i][1]["name"]) for i in joint}
     summary = {}
     for method, record in records.items():

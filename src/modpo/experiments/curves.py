@@ -73,7 +73,7 @@ class CurveSettings:
     bon_sizes: tuple = (1, 2, 4, 8, 16)
 
     def weight_vectors(self) -> list[list[float]]:
-        return [[float(w), round(1 - float(w), 6)] for w in self.weights]
+        return task.weight_vectors(self.weights)
 
     def record(self) -> dict:
         return asdict(self)

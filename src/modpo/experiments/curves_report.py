@@ -13,7 +13,7 @@ from pathlib import Path
 from modpo.cache import write_atomic
 from modpo.experiments.compare_report import LABELS, objectives_of
 from modpo.experiments.curve_maths import aggregate, best_index, compute, compute_to_reach, fraction_of_optimum, spread
-from modpo.front.report import save_figure
+from modpo.front.report import means, save_figure
 
 THRESHOLD = 0.9
 # Claim (a) holds when MODPO's best fraction is at least MORLHF's, up to the spread over seeds of the paired
@@ -27,7 +27,7 @@ def curve_rows(record: dict, seed_info: dict, reference) -> list[dict]:
     rows = []
     for b in record["curve"]:
         objectives = objectives_of(b["points"])
-        values = [[p[o]["mean"] for o in objectives] for p in b["points"]]
+        values = means(b["points"], objectives)
         total = dict(b["tokens"])
         wall = b["wall_seconds"]
         for name in record["prerequisites"]:

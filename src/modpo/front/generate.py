@@ -24,6 +24,14 @@ class SamplingSettings:
         return asdict(self)
 
 
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompts padded on the left, so every one ends where generation starts."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return input_ids, attention_mask
+
+
 @torch.inference_mode()
 def sample_responses(model, tokenizer, prompts: list, settings: SamplingSettings, desc: str = "sampling",
                      prefix: list[int] | None = None) -> list[dict]:
@@ -39,10 +47,8 @@ def sample_responses(model, tokenizer, prompts: list, settings: SamplingSettings
     for start in bar(range(0, len(jobs), settings.batch_size), desc=desc, unit="batch", leave=False):
         batch = jobs[start : start + settings.batch_size]
         torch.manual_seed(settings.seed + start)  # reproducible per batch, independent of earlier batches
-        width = max(len(encoded[i]) for i, _ in batch)  # left-padded: every prompt ends where generation starts
-        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i, _ in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i, _ in batch],
-                                      device=device)
+        input_ids, attention_mask = left_padded([encoded[i] for i, _ in batch], pad_id, device)
+        width = input_ids.shape[1]
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=settings.temperature > 0,
                              temperature=settings.temperature or None, top_p=settings.top_p,
                              max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,

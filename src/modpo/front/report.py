@@ -60,10 +60,15 @@ def summarize(name: str, weights: list[float], scores, objectives: tuple[str, ..
     return point
 
 
+def means(points: list[dict], objectives: tuple[str, ...]) -> list[list[float]]:
+    """Each point's mean of every objective, in objective order."""
+    return [[p[o]["mean"] for o in objectives] for p in points]
+
+
 def front_statistics(points: list[dict], objectives: tuple[str, ...], reference: list[float]) -> dict:
-    means = [[p[o]["mean"] for o in objectives] for p in points]
-    keep = non_dominated(means)
-    return {"non_dominated": [points[i]["name"] for i in keep], "hypervolume": hypervolume(means, reference),
+    values = means(points, objectives)
+    keep = non_dominated(values)
+    return {"non_dominated": [points[i]["name"] for i in keep], "hypervolume": hypervolume(values, reference),
             "reference_point": reference}
 
 
@@ -84,7 +89,7 @@ def optimum_section(points: list[dict], objectives: tuple[str, ...], reference: 
                      "gap": {o: b - g for o, b, g in zip(objectives, best, got)},
                      "distance": math.dist(best, got)})
     best_volume = hypervolume([list(r["optimum"].values()) for r in rows], reference)
-    volume = hypervolume([[p[o]["mean"] for o in objectives] for p in weighted], reference)
+    volume = hypervolume(means(weighted, objectives), reference)
     curve = []
     if len(objectives) == 2:
         for i in range(curve_size):
@@ -105,8 +110,7 @@ def against_per_weight(points: list[dict], conditioned: list[dict], objectives: 
     same = [c for c in conditioned if any(c["weights"] == p["weights"] for p in trained)]
     if not trained or len(same) != len(trained):
         return None
-    mine = hypervolume([[c[o]["mean"] for o in objectives] for c in same], reference)
-    theirs = hypervolume([[p[o]["mean"] for o in objectives] for p in trained], reference)
+    mine, theirs = (hypervolume(means(group, objectives), reference) for group in (same, trained))
     total = lambda counts: counts["forward"] + counts["backward"]
     spent = [p.get("token_counts") for p in trained]
     tokens = (total(conditioned[0]["token_counts"]) / sum(map(total, spent))
