@@ -91,14 +91,14 @@ def check_evaluators(evaluators, out: Path, say) -> list[dict]:
     its floor gets a warning line, and the report marks it not usable."""
     record_file = out / "evaluator_checks.json"
     record = _read_record(record_file)
-    results = []
+    results, measured = [], False
     for evaluator in evaluators:
         if getattr(evaluator, "check", None) is None:
             continue
         key = stable_hash({"evaluator": evaluator.describe(), "check": evaluator.check})
         if key not in record:
             pairs, _ = load_data(evaluator.check["pairs"], "evaluation.evaluators.check.pairs")
-            record[key] = pairwise_accuracy(evaluator, pairs)
+            record[key], measured = pairwise_accuracy(evaluator, pairs), True
         for r in record[key]:
             say(f"evaluator {r['objective']}: held-out pairwise accuracy {r['accuracy']:.3f} ± {r['stderr']:.3f} on "
                 f"{r['pairs']} pairs (floor {r['floor']:g})")
@@ -107,7 +107,7 @@ def check_evaluators(evaluators, out: Path, say) -> list[dict]:
                                "%g; the front's %s column does not rank the points", r["objective"], r["evaluator"],
                                r["accuracy"], r["floor"], r["objective"])
         results += record[key]
-    if results:
+    if measured:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(record_file, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
     return results
