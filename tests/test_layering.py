@@ -19,14 +19,14 @@ MAX_LINES = 400
 # -> [precompute: reference, margins] -> batch (layouts) -> logps -> loss, driven by trainer.
 LAYERS = [
     ("core", ["errors", "guard", "loss", "cache", "data.encode", "packing", "settings_check", "margin_scale",
-              "conditioning", "weight_embedding", "progress"]),
+              "conditioning", "weight_embedding", "progress", "scorers"]),
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
     ("loading and settings", ["models", "config", "run_config", "run_records", "distributed_precompute", "preflight"]),
-    ("precompute", ["reference", "margins", "margin_specs", "demo.task", "demo.optimum", "precompute"]),
+    ("precompute", ["reference", "margins", "scorer_margins", "margin_specs", "demo.task", "demo.optimum", "precompute"]),
     ("trainer", ["trainer"]),
-    ("stages", ["stages", "front.generate", "front.report"]),
-    ("fronts", ["front.evaluators", "front.sweep", "front.steer"]),
+    ("stages", ["stages", "front.generate", "front.divergence", "front.report"]),
+    ("fronts", ["front.evaluators", "front.sweep", "front.steer", "labeling"]),
     ("recipes and demo", ["recipes", "demo.pipeline"]),
     ("baselines (clients)", ["baselines.*"]),
     ("experiments (clients)", ["experiments.*"]),

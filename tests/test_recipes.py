@@ -70,7 +70,7 @@ def calls(monkeypatch):
     ({"command": "materialize", "output_dir": "x"}, "stages[1]: materialize stage is missing key(s) model"),
     ({"command": "materialize"}, "stages[1]: materialize stage is missing key(s) model, output_dir"),
     ({"command": "dpo"}, "stages[1]: dpo stage is missing key(s) config"),
-    ({"config": {}}, "stages[1]: unknown command None (materialize, sft, reward, dpo, train, front)"),
+    ({"config": {}}, "stages[1]: unknown command None (materialize, label, sft, reward, dpo, train, front)"),
     ({"command": "rlhf", "config": {}}, "stages[1]: unknown command 'rlhf'"),
     ({"command": "front", "config": {}, "dtype": "bf16"},
      "stages[1]: unknown key(s) dtype for a front stage (known: command, config)"),

@@ -14,6 +14,7 @@ from modpo.margins import (
     compute_margin_rewards,
     length_penalty,
 )
+from modpo.scorer_margins import ScorerMargins
 from modpo.trainer import MODPOTrainer
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "CallableMargins",
     "RewardModelMargins",
     "ImplicitRewardMargins",
+    "ScorerMargins",
     "compute_margin_rewards",
     "length_penalty",
 ]

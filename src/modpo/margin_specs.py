@@ -5,6 +5,7 @@
       - {type: reward_model, model: runs/rm_helpful, outputs: [0]}       # a sequence-classification model
       - {type: columns, chosen: [c_len], rejected: [r_len]}             # numbers already in the data
       - {type: length_penalty, per: 100}                                # minus words per 100 (default per: 1)
+      - {type: scorer, preset: vader_sentiment}                         # an installed scorer (`modpo.scorers`)
 
 Every source takes `scale`: none (default), a number, or standardize (`modpo.margin_scale`).
 """
@@ -16,6 +17,8 @@ import math
 from modpo.errors import ConfigError
 from modpo.margins import (CallableMargins, ColumnMargins, ImplicitRewardMargins, RewardModelMargins, length_penalty,
                            length_penalty_per)
+from modpo.scorer_margins import ScorerMargins
+from modpo.scorers import parse_spec
 
 
 def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing: bool = False, append_eos: bool = True):
@@ -48,8 +51,12 @@ def margin_sources(specs: list[dict], tokenizer, max_length: int, prefix_sharing
                 function = length_penalty if per == 1 else length_penalty_per(per)
                 sources.append(CallableMargins(function, name=spec.pop("name", "length_penalty"),
                                                version=spec.pop("version", None)))
+            elif kind == "scorer":
+                batch_size = spec.pop("batch_size", 256)
+                sources.append(ScorerMargins(parse_spec(spec, where), batch_size=batch_size))
             else:
-                raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, length_penalty)")
+                raise ConfigError(f"{where}: unknown type {kind!r} (implicit_reward, reward_model, columns, "
+                                  "length_penalty, scorer)")
             sources[-1].scaled(scale)
         except KeyError as err:
             raise ConfigError(f"{where}: missing key {err}") from None

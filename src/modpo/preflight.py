@@ -227,6 +227,10 @@ def check_evaluation(evaluation: dict) -> None:
     for name, model in (evaluation.get("extra_models") or {}).items():
         if isinstance(model, str):
             check_model(model, f"evaluation.extra_models.{name}", "causal_lm")
+    if evaluation.get("kl_reference") is not None:
+        if not isinstance(evaluation["kl_reference"], str):
+            raise ConfigError(f"evaluation.kl_reference = {evaluation['kl_reference']!r}: give a model folder or id")
+        check_model(evaluation["kl_reference"], "evaluation.kl_reference", "causal_lm")
     if not isinstance(evaluation.get("prompts"), list):
         check_data_file(evaluation.get("prompts"), "evaluation.prompts")
 

@@ -6,7 +6,7 @@
       - {command: dpo, config: {...StageConfig...}}
       - {command: front, config: {...FrontConfig...}}
 
-Commands: materialize, sft, reward, dpo, train, front. Recipes shipped with modpo live in
+Commands: materialize, label, sft, reward, dpo, train, front. Recipes shipped with modpo live in
 `modpo/recipes/*.yaml`; `modpo recipe pku_safety` finds them by name. Every stage is checked (its keys, its
 config, its data files) before the first one runs.
 """
@@ -27,11 +27,12 @@ from modpo.data.encode import FitReport
 from modpo.data.formats import check_preference_row, tokenize_reward_pairs, tokenize_row
 from modpo.errors import ConfigError, DataError
 from modpo.front import sweep
+from modpo.labeling import LabelConfig, check_label_config, run_label
 from modpo.run_config import FrontConfig, StageConfig, from_dict, read_yaml
 
 logger = logging.getLogger(__name__)
 SHIPPED = Path(__file__).parent / "recipes"
-COMMANDS = ("materialize", "sft", "reward", "dpo", "train", "front")
+COMMANDS = ("materialize", "label", "sft", "reward", "dpo", "train", "front")
 VARIABLE = re.compile(r"\$\{(\w+)\}")
 DATA_KEYS = ("path", "train_data", "eval_data")  # keys whose string values are input files
 
@@ -90,19 +91,26 @@ def check_stage(stage, where: str) -> str:
     return command
 
 
-def check_data_files(raw, variables: dict, where: str, recipe: str) -> None:
-    """Every input file the stage names exists; for a missing one, name the variables it came from."""
+def produced(path, earlier_outputs: list[str]) -> bool:
+    """Whether `path` lies in a folder an earlier stage writes (e.g. the pairs a label stage makes)."""
+    path = Path(str(path)).absolute()
+    return any(path.is_relative_to(Path(folder).absolute()) for folder in earlier_outputs)
+
+
+def check_data_files(raw, variables: dict, where: str, recipe: str, earlier_outputs: list[str] = ()) -> None:
+    """Every input file the stage names exists, or an earlier stage writes it; for a missing one, name the
+    variables it came from."""
     if isinstance(raw, list):
         for item in raw:
-            check_data_files(item, variables, where, recipe)
+            check_data_files(item, variables, where, recipe, earlier_outputs)
     if not isinstance(raw, dict):
         return
     for key, value in raw.items():
         if key not in DATA_KEYS or not isinstance(value, str):
-            check_data_files(value, variables, where, recipe)
+            check_data_files(value, variables, where, recipe, earlier_outputs)
             continue
         path = substitute(value, variables, where)
-        if not Path(str(path)).exists():
+        if not Path(str(path)).exists() and not produced(path, earlier_outputs):
             names = list(dict.fromkeys(VARIABLE.findall(value)))
             hint = f"; set {', '.join(names)} on the command line (modpo recipe {recipe} {names[0]}=...)" if names else ""
             raise ConfigError(f"{where}: data file {path} does not exist{hint}")
@@ -126,6 +134,7 @@ def check_preference_data(checked: list, where: list[str], only: list[str] | Non
     stage's source (e.g. pkg:smollm2).
     """
     sources = {str(Path(s["output_dir"])): s["model"] for command, s in checked if command == "materialize"}
+    labelled = [s.output_dir for command, s in checked if command == "label"]
     tokenizers = {}
     for (command, stage), name in zip(checked, where):
         if command not in ("dpo", "train", "reward", "front") or (only and command not in only):
@@ -136,6 +145,8 @@ def check_preference_data(checked: list, where: list[str], only: list[str] | Non
             cfg = from_dict(StageConfig, {"output_dir": stage.output_dir, **stage.train}, f"{name}: train")
         else:
             cfg = stage
+        if isinstance(cfg.train_data, str) and not Path(cfg.train_data).exists() and produced(cfg.train_data, labelled):
+            continue  # pairs a label stage writes: checked when that stage has run
         path = cfg.tokenizer or cfg.model
         if not Path(path).exists() and str(Path(path)) in sources:
             path = sources[str(Path(path))]
@@ -184,19 +195,23 @@ def load_recipe(name: str, overrides: dict | None = None, only: list[str] | None
     if unknown:
         raise ConfigError(f"{path}: unknown variable(s) {', '.join(unknown)} (known: {', '.join(known)})")
     variables = {**variables, **(overrides or {})}
-    checked, places = [], []
+    checked, places, outputs = [], [], []
     for i, raw in enumerate(stages):
         where = f"{path}: stages[{i}]"
         places.append(where)
         command = check_stage(raw, where)
         if not only or command in only:
-            check_data_files(raw, variables, where, name)
+            check_data_files(raw, variables, where, name, outputs)
         stage = substitute(raw, variables, where)
         if command == "front":
             stage = from_dict(FrontConfig, stage["config"], where)
+        elif command == "label":
+            stage = from_dict(LabelConfig, stage["config"], where)
+            check_label_config(stage, where)
         elif command != "materialize":
             stage = from_dict(StageConfig, stage["config"], where)
         checked.append((command, stage))
+        outputs.append(str(stage["output_dir"] if command == "materialize" else stage.output_dir))
     if check_data:
         check_preference_data(checked, places, only)
     return path, checked
@@ -224,6 +239,8 @@ def run_recipe(name: str, overrides: dict | None = None, only: list[str] | None 
         elif command == "front":
             sweep.run_front(stage, overwrite=overwrite)
             outputs.append(stage.output_dir)
+        elif command == "label":
+            outputs.append(str(run_label(stage, say=logger.info)))
         else:
             checkpoints = resume and any(Path(stage.output_dir).glob("checkpoint-*"))
             outputs.append(str(stage_runners.STAGES[command](stage, resume=checkpoints, overwrite=overwrite)))

@@ -33,7 +33,8 @@ class StageConfig:
         "help": "Margin reward sources for objectives 1..K-1, in order. Each is {type: implicit_reward, model, "
                 "ref_model?, beta, prefix_sharing? (default: training's)} | {type: reward_model, model, outputs?} | "
                 "{type: columns, chosen: [...], "
-                "rejected: [...]} | {type: length_penalty, version?}. Or give chosen_margins/rejected_margins columns.",
+                "rejected: [...]} | {type: length_penalty, version?} | {type: scorer, preset: vader_sentiment | callable: "
+                "'module:attr', ...} (`modpo.scorers`). Or give chosen_margins/rejected_margins columns.",
         "stages": ("train",)})
     lora: dict | None = field(default=None, metadata={"help": "LoRA settings (peft.LoraConfig fields: r, lora_alpha, "
                                                               "target_modules, ...); null trains all weights."})
@@ -73,13 +74,15 @@ EVALUATION_HELP = {
     "seed": "Sampling seed.",
     "batch_size": "Responses sampled per batch.",
     "evaluators": "List of {type: demo_exact} | {type: reward_model, model, outputs?} | {type: implicit_reward, model, "
-                  "ref_model?, beta} | {type: length_penalty}; all but demo_exact may add names: [...] (the "
+                  "ref_model?, beta} | {type: length_penalty} | {type: scorer, preset | callable, ...}; all but demo_exact may add names: [...] (the "
                   "objectives' names in the report), max_length (default 1024) and check: {pairs: <held-out preference "
                   "rows>, floor: 0.6} (its pairwise accuracy on them, measured before sampling and reported; under "
                   "the floor it is marked not usable).",
     "reference_point": "Hypervolume reference, one number per objective (default: each objective's minimum over "
                        "the points).",
     "extra_models": "Models evaluated beside the points without training, {name: model}, e.g. {base: runs/base}.",
+    "kl_reference": "A model (e.g. the starting model) to estimate each point's KL(pi || pi_ref) against from its "
+                    "samples; unbiased at temperature 1, top_p 1.",
 }
 
 
@@ -178,7 +181,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 # Keys whose string values are paths, at any depth of a config: `~` in them is the user's home folder.
 PATH_KEYS = {"model", "output_dir", "train_data", "eval_data", "tokenizer", "ref_model", "path", "cache_dir",
-             "logging_dir", "prompts", "deepspeed"}
+             "logging_dir", "prompts", "deepspeed", "kl_reference"}
 
 
 def expand_home(value, key: str | None = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from modpo.errors import ConfigError
+from modpo.scorers import parse_spec
 
 BATCH_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 
@@ -77,6 +78,10 @@ def _check_source(spec: dict, where: str) -> None:
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{where}beta = {beta} must be a finite number > 0")
     _at_least(spec, "max_length", where, 2, integer=True)
+    if spec.get("type") == "scorer":  # its keys, its form, and that its package is installed: nothing is imported
+        _at_least(spec, "batch_size", where, 1, integer=True)
+        parse_spec({k: v for k, v in spec.items() if k not in ("type", "scale", "batch_size", "names", "check",
+                                                                 "max_length")}, where.rstrip(": "))
 
 
 def check_evaluation_settings(evaluation: dict) -> None:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from modpo.data.encode import encode_prompt
+from modpo.front.divergence import response_ids
 from modpo.progress import bar
 
 
@@ -34,13 +35,15 @@ def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 @torch.inference_mode()
 def sample_responses(model, tokenizer, prompts: list, settings: SamplingSettings, desc: str = "sampling",
-                     prefix: list[int] | None = None) -> list[dict]:
+                     prefix: list[int] | None = None, keep_ids: bool = False) -> list[dict]:
     """[{prompt, response}] with `samples_per_prompt` samples per prompt, in prompt order. `prefix` ids come before
-    every prompt (a weight-conditioned model's condition, `modpo.conditioning`)."""
+    every prompt (a weight-conditioned model's condition, `modpo.conditioning`). `keep_ids`: each sample also has
+    its `prompt_ids` (without the prefix) and `response_ids` (up to its first eos)."""
     device = next(model.parameters()).device
     model.eval()
     # the prompt ids training scored responses after
-    encoded = [list(prefix or []) + encode_prompt(p, tokenizer) for p in prompts]
+    prompt_ids = [encode_prompt(p, tokenizer) for p in prompts]
+    encoded = [list(prefix or []) + ids for ids in prompt_ids]
     jobs = [(i, s) for i in range(len(prompts)) for s in range(settings.samples_per_prompt)]
     pad_id = tokenizer.pad_token_id
     results = []
@@ -56,4 +59,6 @@ def sample_responses(model, tokenizer, prompts: list, settings: SamplingSettings
         for (i, s), ids in zip(batch, out[:, width:]):
             response = tokenizer.decode(ids, skip_special_tokens=True)
             results.append({"prompt": prompts[i], "response": response, "sample": s})
+            if keep_ids:
+                results[-1].update(prompt_ids=prompt_ids[i], response_ids=response_ids(ids.tolist(), tokenizer.eos_token_id))
     return results

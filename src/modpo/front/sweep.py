@@ -18,6 +18,7 @@ import torch
 from modpo.cache import stable_hash, write_atomic
 from modpo.conditioning import check_request
 from modpo.errors import ConfigError
+from modpo.front.divergence import kl_summary, log_ratios
 from modpo.front.evaluators import build_evaluators, pairwise_accuracy, score_samples
 from modpo.front.generate import SamplingSettings, sample_responses
 from modpo.front.report import summarize, write_report
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_FILE = "evaluation.json"
 EVALUATION_KEYS = {"prompts", "samples_per_prompt", "max_new_tokens", "min_new_tokens", "temperature", "top_p", "seed", "batch_size",
-                   "evaluators", "reference_point", "extra_models"}
+                   "evaluators", "reference_point", "extra_models", "kl_reference"}
 
 
 def point_name(weights: list[float]) -> str:
@@ -58,14 +59,17 @@ def extra_model_record(front_dir: Path, model: str | Path) -> Path:
 
 
 def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: SamplingSettings, evaluators,
-                   extra: dict | None = None, record_file: Path | None = None, condition: list | None = None) -> dict:
+                   extra: dict | None = None, record_file: Path | None = None, condition: list | None = None,
+                   kl_reference: str | None = None) -> dict:
     """Sample `model_dir` on `prompts` and score; reuses the record (default `model_dir/evaluation.json`) if it
     matches the prompts, sampling settings, evaluators and the model's run. `condition`: the weights a
-    weight-conditioned model is steered to (`modpo.conditioning`)."""
+    weight-conditioned model is steered to (`modpo.conditioning`). `kl_reference`: a model to estimate
+    KL(model || reference) against from the samples (`modpo.front.divergence`). The record keeps every sample with
+    its scores (and log-ratio), so the means can be recomputed from the text."""
 
     key = stable_hash({"prompts": prompts, "settings": settings.record(), "model": str(model_dir),
                        "run": _run_hash(model_dir), "evaluators": [e.describe() for e in evaluators],
-                       "condition": condition})
+                       "condition": condition, "kl_reference": kl_reference and str(kl_reference)})
     record_file = record_file or model_dir / EVAL_FILE
     record = _read_record(record_file)
     if record.get("key") == key and "point" in record:
@@ -75,14 +79,30 @@ def evaluate_model(model_dir: Path, name: str, weights, prompts, settings: Sampl
     model = load_model(str(model_dir)).to("cuda" if torch.cuda.is_available() else "cpu")
     shown = steering(model_dir, model, tokenizer, condition) if condition is not None else contextlib.nullcontext()
     with shown as prefix:
-        samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}", prefix=prefix)
+        samples = sample_responses(model, tokenizer, prompts, settings, desc=f"sampling {name}", prefix=prefix,
+                                   keep_ids=kl_reference is not None)
+        kl = _kl(model, samples, tokenizer, kl_reference, prefix, settings) if kl_reference is not None else None
     scores, malformed, objectives = score_samples(evaluators, samples)
     point = summarize(name, weights, scores, objectives, malformed,
                       {"sampling_seconds": round(time.time() - started, 2), **(extra or {})})
+    if kl is not None:
+        point["kl"] = kl_summary(kl, settings.temperature, settings.top_p, str(kl_reference))
+    kept = [{"prompt": s["prompt"], "response": s["response"], "sample": s["sample"],
+             "scores": dict(zip(objectives, row)), **({"log_ratio": kl[i]} if kl is not None else {})}
+            for i, (s, row) in enumerate(zip(samples, scores.tolist()))]
     write_atomic(record_file, lambda tmp: tmp.write_text(json.dumps(
-        {"key": key, "model": str(model_dir), "point": point, "sampling": settings.record(), "samples": samples[:20]},
+        {"key": key, "model": str(model_dir), "point": point, "sampling": settings.record(), "samples": kept},
         indent=2, default=str)))
     return point
+
+
+def _kl(model, samples: list[dict], tokenizer, reference: str, prefix, settings) -> list[float]:
+    """Each sample's log pi(y|x) - log pi_ref(y|x) (`modpo.front.divergence`)."""
+    device = next(model.parameters()).device
+    ref = load_model(str(reference)).to(device)
+    ratios = log_ratios(model, ref, [s["prompt_ids"] for s in samples], [s["response_ids"] for s in samples],
+                        tokenizer.pad_token_id, policy_prefix=prefix)
+    return ratios.tolist()
 
 
 def check_evaluators(evaluators, out: Path, say) -> list[dict]:
@@ -157,11 +177,12 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
     settings = SamplingSettings(**{k: evaluation[k] for k in EVALUATION_KEYS if k in SamplingSettings.__annotations__
                                    and k in evaluation})
     evaluators = build_evaluators(evaluation.get("evaluators", []))
+    kl_reference = evaluation.get("kl_reference")
     points, started = [], time.time()
     checks = check_evaluators(evaluators, out, say)
     for name, model_dir in (evaluation.get("extra_models") or {}).items():
         points.append(evaluate_model(Path(model_dir), name, None, prompts, settings, evaluators,
-                                     record_file=extra_model_record(out, model_dir)))
+                                     record_file=extra_model_record(out, model_dir), kl_reference=kl_reference))
     for weights in cfg.weights:
         name = point_name(weights)
         train = dict(cfg.train)
@@ -176,10 +197,10 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
         points.append(evaluate_model(run_dir, name, weights, prompts, settings, evaluators,
                                      {"method": "modpo", "train_seconds": run.get("wall_seconds"),
                                       "token_counts": run.get("token_counts"),
-                                      "margin_scales": run.get("margin_scales")}))
+                                      "margin_scales": run.get("margin_scales")}, kl_reference=kl_reference))
         say(f"point {name}: trained or reused in {t1 - t0:.1f} s, sampled and scored in {time.time() - t1:.1f} s")
     if cfg.conditioned:
-        points += conditioned_points(cfg, out, prompts, settings, evaluators, overwrite, say)
+        points += conditioned_points(cfg, out, prompts, settings, evaluators, overwrite, say, kl_reference)
     objectives = tuple(o for o in points[0] if isinstance(points[0][o], dict) and "mean" in points[0][o])
     reference = evaluation.get("reference_point") or [min(p[o]["mean"] for p in points) for o in objectives]
     meta = {"sampling": settings.record(), "evaluators": [e.describe() for e in evaluators],
@@ -190,7 +211,8 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
     return write_report(out, points, objectives, list(reference), meta, title, optimum)
 
 
-def conditioned_points(cfg: FrontConfig, out: Path, prompts, settings, evaluators, overwrite: bool, say) -> list[dict]:
+def conditioned_points(cfg: FrontConfig, out: Path, prompts, settings, evaluators, overwrite: bool, say,
+                       kl_reference: str | None = None) -> list[dict]:
     """One weight-conditioned model, trained once (`out/conditioned`), evaluated at every weight vector asked for."""
     train = dict(cfg.train)
     train["training"] = {**train.get("training", {}), **cfg.conditioned, "weights": cfg.weights[0]}
@@ -211,6 +233,7 @@ def conditioned_points(cfg: FrontConfig, out: Path, prompts, settings, evaluator
         points.append(evaluate_model(run_dir, name, grid, prompts, settings, evaluators,
                                      {"method": "conditioned", "train_seconds": run.get("wall_seconds"),
                                       "token_counts": run.get("token_counts")},
-                                     record_file=out / "conditioned_evaluations" / f"{name}.json", condition=grid))
+                                     record_file=out / "conditioned_evaluations" / f"{name}.json", condition=grid,
+                                     kl_reference=kl_reference))
         say(f"point {name}: sampled and scored in {time.time() - t1:.1f} s")
     return points

@@ -32,13 +32,15 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
 def load_dataset_from_config(spec: Mapping[str, Any]) -> Dataset:
     """Load a data set from a config entry: {"loader": name, "path": ..., other loader kwargs}.
 
-    Optional keys: "split": {"test_fraction": 0.2, "seed": 0, "part": "train" | "test"} (see
+    Optional keys: "max_prompt_chars": N keeps the records whose prompt has at most N characters (a conversation:
+    all its messages' contents), then "split": {"test_fraction": 0.2, "seed": 0, "part": "train" | "test"} (see
     `split_by_prompt`), then "limit": N keeps the first N records of the result. Records keep their
-    `source_row` through both.
+    `source_row` through all three.
     """
     options = dict(spec)
     name, path = options.pop("loader", None), options.pop("path", None)
     split, limit = options.pop("split", None), options.pop("limit", None)
+    max_chars = options.pop("max_prompt_chars", None)
     if name not in LOADERS:
         raise ConfigError(f"data.loader: unknown loader {name!r}; expected one of {sorted(LOADERS)}")
     if not isinstance(path, (str, os.PathLike)):
@@ -49,6 +51,10 @@ def load_dataset_from_config(spec: Mapping[str, Any]) -> Dataset:
     except TypeError as error:
         raise ConfigError(f"data: bad options for loader {name!r}: {error}") from None
     dataset = loader(path, **options)
+    if max_chars is not None:
+        if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+            raise ConfigError(f"data.max_prompt_chars: expected a positive integer, got {max_chars!r}")
+        dataset = dataset.select([i for i, p in enumerate(dataset["prompt"]) if prompt_chars(p) <= max_chars])
     if split is not None:
         if not isinstance(split, Mapping):
             raise ConfigError(f"data.split: expected a mapping, got {split!r}")
@@ -62,6 +68,13 @@ def load_dataset_from_config(spec: Mapping[str, Any]) -> Dataset:
             raise ConfigError(f"data.limit: expected a non-negative integer, got {limit!r}")
         dataset = dataset.select(range(min(limit, len(dataset))))
     return dataset
+
+
+def prompt_chars(prompt) -> int:
+    """Characters of a prompt: its text, or the contents of all messages of a conversation."""
+    if isinstance(prompt, list):
+        return sum(len(str(m.get("content", ""))) for m in prompt if isinstance(m, dict))
+    return len(str(prompt))
 
 
 def split_by_prompt(dataset: Dataset, test_fraction: float, seed: int = 0, part: str = "train") -> Dataset:
