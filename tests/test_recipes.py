@@ -142,7 +142,7 @@ def recipe_data_paths(stages) -> list[str]:
     """The data files of a recipe's training stages and fronts (train data, eval data, evaluation prompts)."""
     paths = []
     for command, cfg in stages:
-        specs = [] if command == "materialize" else (
+        specs = [] if command == "materialize" else [cfg.prompts] if command == "label" else (
             [cfg.train.get("train_data"), cfg.train.get("eval_data"), cfg.evaluation.get("prompts")]
             if command == "front" else [cfg.train_data, cfg.eval_data])
         paths += [spec["path"] for spec in specs if isinstance(spec, dict)]

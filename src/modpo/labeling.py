@@ -79,7 +79,7 @@ def check_label_config(cfg: LabelConfig, where: str) -> None:
 
 def bradley_terry(a: np.ndarray, b: np.ndarray, tau: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(P(a preferred), a preferred?) per pair: P = sigmoid((a - b) / tau), drawn with a seeded generator."""
-    p = 1.0 / (1.0 + np.exp(-(a - b) / tau))
+    p = 0.5 * (1.0 + np.tanh((a - b) / (2 * tau)))  # the logistic function, without overflow
     return p, np.random.default_rng(seed).random(len(p)) < p
 
 
@@ -131,6 +131,18 @@ def _key(cfg: LabelConfig, prompts: list, sources, model, tokenizer) -> str:
                         "scorers": {n: s.identity() for n, s in zip(cfg.scorers, sources)}})
 
 
+def _unusable(rows: list[dict]) -> dict[int, str]:
+    """Pair index -> why it carries no preference (an empty response, or two identical ones): left out of the
+    pairs files, as the data loaders would refuse them, and counted in labels.json."""
+    out = {}
+    for i, (a, b) in enumerate(zip(rows[0::2], rows[1::2])):
+        if not a["response"].strip() or not b["response"].strip():
+            out[i] = "empty"
+        elif a["response"] == b["response"]:
+            out[i] = "identical"
+    return out
+
+
 def _as_row(prompt, chosen: str, rejected: str) -> dict:
     """A preference row; a chat prompt gets its responses as assistant messages."""
     if isinstance(prompt, list):
@@ -166,6 +178,7 @@ def run_label(cfg: LabelConfig, say=print) -> Path:
     scores = {name: source.score(table, "response")[:, 0].double().numpy() for name, source in zip(cfg.scorers, sources)}
     rows = [{**s, "scores": {n: float(scores[n][i]) for n in scores}} for i, s in enumerate(samples)]
     _write_jsonl(out / "samples.jsonl", rows)
+    unusable = _unusable(rows)
     pairs = {}
     for index, (name, label) in enumerate(cfg.labels.items()):
         tau = float(label.get("temperature", 1.0))
@@ -174,11 +187,15 @@ def run_label(cfg: LabelConfig, say=print) -> Path:
         _write_jsonl(out / f"pairs_{name}.jsonl", [
             {**_as_row(a["prompt"], *((a["response"], b["response"]) if f else (b["response"], a["response"]))),
              "p_chosen": float(pi if f else 1 - pi)}
-            for a, b, pi, f in zip(rows[0::2], rows[1::2], p, first)])
+            for i, (a, b, pi, f) in enumerate(zip(rows[0::2], rows[1::2], p, first)) if i not in unusable])
     stats = label_statistics(scores, pairs)
+    dropped = {reason: sum(1 for r in unusable.values() if r == reason) for reason in ("empty", "identical")}
+    if unusable:
+        say(f"label: left out {len(unusable)} of {len(rows) // 2} pairs that carry no preference "
+            f"({dropped['empty']} with an empty response, {dropped['identical']} with two identical responses)")
     document = {"key": key, "model": cfg.model, "prompts": len(prompts), "samples": len(samples),
                 "sampling": settings.record(), "scorers": {n: s.describe() for n, s in zip(cfg.scorers, sources)},
-                **stats, "seconds": {"sampling": round(sampled - started, 1), "scoring": round(time.time() - sampled, 1)}}
+                **stats, "pairs_left_out": dropped, "seconds": {"sampling": round(sampled - started, 1), "scoring": round(time.time() - sampled, 1)}}
     write_atomic(record_file, lambda tmp: tmp.write_text(json.dumps(document, indent=2)))
     for pair, c in stats["correlations"].items():
         say(f"label: {pair}: Pearson {c['samples']['pearson']:+.3f} over {c['samples']['n']} samples, "

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 
 from modpo.cache import stable_hash, write_atomic
 from modpo.errors import ConfigError
@@ -114,8 +115,9 @@ def rloo_config(output_dir: str, weights, settings: MORLHFSettings):
 
 
 def train_morlhf(sft: str, rewards, prompts: list, weights, output_dir, settings: MORLHFSettings,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, lora: dict | None = None) -> Path:
     """Train (or reuse) the MORLHF policy for `weights`; returns its folder (save_pretrained + modpo_run.json).
+    `lora`: peft.LoraConfig fields to train an adapter (the reference is then the base with it disabled).
 
     The run record holds wall_seconds, device and token_counts {forward, backward} including the reward
     passes, with a per-kind breakdown in token_detail.
@@ -124,7 +126,8 @@ def train_morlhf(sft: str, rewards, prompts: list, weights, output_dir, settings
 
     out = Path(output_dir)
     identity = {"stage": "morlhf", "sft": str(sft), "sft_run": _run_hash(sft), "weights": [float(w) for w in weights],
-                "rewards": rewards.describe(), "settings": settings.record(), "prompts": stable_hash(list(prompts))}
+                "rewards": rewards.describe(), "settings": settings.record(), "prompts": stable_hash(list(prompts)),
+                **({"lora": lora} if lora else {})}
     key = stable_hash(identity)
     record_file = out / RUN_FILE
     if record_file.exists():
@@ -140,7 +143,8 @@ def train_morlhf(sft: str, rewards, prompts: list, weights, output_dir, settings
     trainer_cls = _counting_trainer_class()
     reward_before = rewards.forward_tokens
     trainer = trainer_cls(model=model, reward_funcs=reward_functions(rewards), args=rloo_config(str(out), weights, settings),
-                          train_dataset=Dataset.from_dict({"prompt": list(prompts)}), processing_class=tokenizer)
+                          train_dataset=Dataset.from_dict({"prompt": list(prompts)}), processing_class=tokenizer,
+                          peft_config=LoraConfig(task_type="CAUSAL_LM", **lora) if lora else None)
     trainer.train()
     trainer.save_model(str(out))
     load_tokenizer(str(sft)).save_pretrained(str(out))
