@@ -119,3 +119,12 @@ def test_a_recipe_trains_on_the_pairs_its_label_stage_writes(tmp_path, model_dir
     outputs = run_recipe(path)
     assert outputs == [str(tmp_path / "run" / "pairs"), str(tmp_path / "run" / "dpo")]
     assert json.loads((tmp_path / "run" / "dpo" / "modpo_run.json").read_text())["stage"] == "dpo"
+
+
+def test_modpo_label_on_the_command_line(capsys, tmp_path, model_dir):
+    config = tiny.write_yaml(tmp_path / "label.yaml", label_config(tmp_path, model_dir))
+    code, out, err = tiny.run_cli(capsys, "label", "--config", config, "labels.brevity.temperature=0.5")
+    assert code == 0 and f"saved to {tmp_path / 'pairs'}" in out
+    assert json.loads((tmp_path / "pairs" / "labels.json").read_text())["labels"]["brevity"]["temperature"] == 0.5
+    code, out, err = tiny.run_cli(capsys, "label", "--config", config, "samples_per_prompt=5")
+    assert code == 2 and err.count("\n") == 1 and "samples_per_prompt = 5: give an even number" in err

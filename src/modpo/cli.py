@@ -18,6 +18,7 @@ from modpo.front.generate import SamplingSettings
 from modpo.front.steer import steer
 from modpo.front.sweep import EVALUATION_KEYS, run_front
 from modpo.guard import last_checkpoint
+from modpo.labeling import LabelConfig, run_label
 from modpo.progress import quiet
 from modpo.recipes import run_recipe, shipped_recipes
 from modpo.run_config import EVALUATION_HELP, FrontConfig, StageConfig, describe, load_config
@@ -35,6 +36,7 @@ EXAMPLES = {
     "dpo": "modpo dpo --config dpo.yaml training.beta=0.1 output_dir=runs/dpo_safer",
     "train": "modpo train --config modpo.yaml training.weights=[0.3,0.7] training.beta=0.1 output_dir=runs/w03",
     "front": "modpo front --config front.yaml weights=[[0.2,0.8],[0.8,0.2]] evaluation.samples_per_prompt=4",
+    "label": "modpo label --config label.yaml samples_per_prompt=4 labels.sentiment.temperature=0.1",
 }
 
 EPILOG = """Overrides set any config key by its dotted path, the value read as YAML, e.g.
@@ -64,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     _common(front)
     front.add_argument("--resume", action="store_true",
                        help="continue a point killed while training from the last checkpoint in its folder")
+    label = sub.add_parser("label", help="sample a model and label pairs of its responses by scorers (Bradley-Terry)",
+                           description="Sample responses from a model, score each with every scorer, pair them and "
+                                       "label each pair by Bradley-Terry on a scorer; writes samples.jsonl, "
+                                       "pairs_<label>.jsonl and labels.json (correlations, label agreement).",
+                           epilog=EPILOG.format(example=EXAMPLES["label"], keys=describe(LabelConfig)),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(label)
     shipped = shipped_recipes()
     recipe = sub.add_parser("recipe", help=f"run a recipe: a YAML list of stages (shipped: {', '.join(shipped)})",
                             description="Run every stage of a recipe in order; finished stages are skipped.",
@@ -200,6 +209,10 @@ def _run(args) -> int:
                                     top_p=args.top_p, seed=args.seed, batch_size=1)
         (sample,) = steer(args.model, [prompt], weights, settings)
         print(sample["response"])
+        return 0
+    if args.command == "label":
+        cfg = load_config(LabelConfig, args.config, args.overrides)
+        print(f"saved to {run_label(cfg, say=print)}")
         return 0
     if args.command == "front":
         cfg = load_config(FrontConfig, args.config, args.overrides)
