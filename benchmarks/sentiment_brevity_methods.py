@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--morlhf-steps", type=int, default=0, help="0: matched to MODPO's compute per point")
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--only-morlhf", action="store_true", help="train and evaluate MORLHF alone (needs "
+                        "--morlhf-steps; the fronts need not have run)")
     args = parser.parse_args()
     root, out = Path(args.root), Path(args.out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,11 @@ def main() -> None:
     reference_model = evaluation["kl_reference"]
     tokenizer = load_tokenizer(str(root / "base"))
 
+    if args.only_morlhf:
+        for weights, _, point in morlhf_points(args, root, rule, prompts, settings, evaluators, reference_model,
+                                               tokenizer, tau, scale, None):
+            print(weights, {o: point[o] for o in OBJECTIVES}, point.get("kl"))
+        return
     pairs = {name: str(root / "pairs" / f"pairs_{name}.jsonl") for name in ("sentiment", "brevity")}
     label_cost = sampling_tokens(root / "pairs" / "samples.jsonl", tokenizer)
     ref_pass = {name: preference_pass_tokens(path, tokenizer, True) for name, path in pairs.items()}
@@ -142,6 +149,19 @@ def main() -> None:
                                kl_reference=reference_model)
         add("soups", point, folder, {"per_point": 0, "shared": label_cost + sentiment_cost + brevity_model_cost})
 
+    for weights, folder, point in morlhf_points(args, root, rule, prompts, settings, evaluators, reference_model,
+                                                tokenizer, tau, scale, matched):
+        run = json.loads((folder / "modpo_run.json").read_text())
+        add("morlhf", point, folder, {"per_point": cost(run["token_counts"]), "shared": 0,
+                                      "steps": run["settings"]["steps"], "seconds": run["wall_seconds"]})
+    morlhf = MORLHFSettings(**json.loads((folder / "modpo_run.json").read_text())["settings"])
+
+    report(out, points, samples, prerequisites, matched, tau, scale, label, morlhf)
+
+
+def morlhf_points(args, root: Path, rule, prompts, settings, evaluators, reference_model, tokenizer, tau: float,
+                  scale: float, matched: float | None):
+    """Train (or reuse) and evaluate MORLHF at each weight; yields (weights, folder, point)."""
     prompt_len = sum(len(encode_prompt(p, tokenizer)) for p in prompts) / len(prompts)
     per_step = 5 * args.prompts_per_step * args.generations * (prompt_len + settings.max_new_tokens * 0.8)
     steps = args.morlhf_steps or max(1, round(matched / per_step))
@@ -151,18 +171,13 @@ def main() -> None:
                              "brevity": {"type": "length_penalty"}}, {"sentiment": 1 / tau, "brevity": scale})
     morlhf = MORLHFSettings(steps=steps, prompts_per_step=args.prompts_per_step, generations=args.generations,
                             learning_rate=1e-3, beta=0.1, max_completion_length=settings.max_new_tokens, seed=0)
-    lora = dict(rule.train["lora"])
     for text in args.morlhf_weights.split(";"):
         weights = [float(w) for w in text.split(",")]
         folder = train_morlhf(str(root / "base"), rewards, train_prompts, weights, root / "morlhf" / point_name(weights),
-                              morlhf, lora=lora)
+                              morlhf, lora=dict(rule.train["lora"]))
         point = evaluate_model(folder, point_name(weights), weights, prompts, settings, evaluators,
                                kl_reference=reference_model)
-        add("morlhf", point, folder, {"per_point": cost(run_tokens(folder)), "shared": 0,
-                                      "steps": steps, "seconds": json.loads((folder / "modpo_run.json").read_text())[
-                                          "wall_seconds"]})
-
-    report(out, points, samples, prerequisites, matched, tau, scale, label, morlhf)
+        yield weights, folder, point
 
 
 def report(out: Path, points, samples, prerequisites, matched, tau, scale, label, morlhf) -> None:

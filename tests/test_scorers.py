@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import json
-import math
-import statistics
 import sys
-from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -156,21 +152,3 @@ def test_the_scorer_as_evaluator_gives_the_margin_values():
     assert evaluator.objectives == ("sentiment",) and malformed == 0
     assert scores[:, 0].tolist() == pytest.approx(by_margin.tolist())
 
-
-def test_the_committed_real_model_results_are_the_means_of_their_rescored_responses():
-    """docs/results/sentiment_brevity: every point's means (and KL) recomputed from its committed responses, scored
-    again here by the installed scorers."""
-    results = Path(__file__).resolve().parents[1] / "docs" / "results" / "sentiment_brevity"
-    document = json.loads((results / "methods.json").read_text())
-    analyzer = SentimentIntensityAnalyzer()
-    assert len(document["points"]) >= 8
-    for point in document["points"]:
-        rows = [json.loads(line) for line in
-                (results / "samples" / f"{point['method']}_{point['name']}.jsonl").read_text().splitlines()]
-        assert len(rows) == point["n"]
-        sentiment = [analyzer.polarity_scores(r["response"])["compound"] for r in rows]
-        words = [-len(r["response"].split()) for r in rows]
-        assert point["sentiment"]["mean"] == pytest.approx(statistics.fmean(sentiment), abs=1e-9)
-        assert point["sentiment"]["stderr"] == pytest.approx(statistics.stdev(sentiment) / math.sqrt(len(rows)), abs=1e-9)
-        assert point["minus_words"]["mean"] == pytest.approx(statistics.fmean(words), abs=1e-9)
-        assert point["kl"]["estimate"] == pytest.approx(statistics.fmean(r["log_ratio"] for r in rows), abs=1e-6)
