@@ -78,12 +78,17 @@ def true_reward(point: dict, weights, tau: float, scale: float) -> float:
     return weights[0] * point["sentiment"]["mean"] / tau + weights[1] * scale * point["minus_words"]["mean"]
 
 
+def parse_weights(text: str) -> list[list[float]]:
+    return [[float(w) for w in vector.split(",")] for vector in text.split(";") if vector.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", default="docs/results/sentiment_brevity")
-    parser.add_argument("--morlhf-weights", default="0.6,0.4;0.3,0.7")
+    parser.add_argument("--morlhf-weights", default="0.6,0.4;0.3,0.7", help="';'-separated weight vectors")
+    parser.add_argument("--soup-weights", default="0.6,0.4;0.3,0.7", help="';'-separated weight vectors")
     parser.add_argument("--morlhf-steps", type=int, default=0, help="0: matched to MODPO's compute per point")
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--generations", type=int, default=4)
@@ -129,6 +134,9 @@ def main() -> None:
     base = json.loads(base_file.read_text())["point"]
     add("base", {**base, "weights": None}, base_file, {"per_point": 0})
     for method, front in (("modpo_rule", rule), ("modpo_implicit", implicit)):
+        if not (Path(front.output_dir) / "front.json").exists():
+            print(f"{front.output_dir}: no front.json (not run yet); {method} left out")
+            continue
         for p in json.loads((Path(front.output_dir) / "front.json").read_text())["points"]:
             if p.get("method") != "modpo":
                 continue
@@ -142,7 +150,7 @@ def main() -> None:
     modpo_per_point = [p["compute"]["per_point"] for p in points if p["method"] == "modpo_rule"]
     matched = sum(modpo_per_point) / len(modpo_per_point)
 
-    for weights in ([0.6, 0.4], [0.3, 0.7]):  # soups of the two LoRA models over the shared base
+    for weights in parse_weights(args.soup_weights):  # soups of the two LoRA models over the shared base
         folder = make_soup([str(sentiment_model), str(dpo_brevity)], weights, root / "soups" / point_name(weights),
                            base=str(root / "base"))
         point = evaluate_model(folder, point_name(weights), weights, prompts, settings, evaluators,
@@ -171,8 +179,7 @@ def morlhf_points(args, root: Path, rule, prompts, settings, evaluators, referen
                              "brevity": {"type": "length_penalty"}}, {"sentiment": 1 / tau, "brevity": scale})
     morlhf = MORLHFSettings(steps=steps, prompts_per_step=args.prompts_per_step, generations=args.generations,
                             learning_rate=1e-3, beta=0.1, max_completion_length=settings.max_new_tokens, seed=0)
-    for text in args.morlhf_weights.split(";"):
-        weights = [float(w) for w in text.split(",")]
+    for weights in parse_weights(args.morlhf_weights):
         folder = train_morlhf(str(root / "base"), rewards, train_prompts, weights, root / "morlhf" / point_name(weights),
                               morlhf, lora=dict(rule.train["lora"]))
         point = evaluate_model(folder, point_name(weights), weights, prompts, settings, evaluators,

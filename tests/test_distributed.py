@@ -26,7 +26,7 @@ from datasets import Dataset
 from modpo import MODPOConfig, MODPOTrainer
 from modpo.logps import batched_sequence_logps
 from modpo.precompute import precompute_autocast_dtype
-from modpo.trainer import chunked_logps_conflict
+from modpo.resolved import chunked_logps_conflict
 
 import tiny
 

@@ -138,7 +138,7 @@ def test_precompute_models_run_on_the_training_device(tmp_path, tok, monkeypatch
     def stop(*args):
         raise Stop
 
-    monkeypatch.setattr(trainer_module, "check_chunked_head", stop)
+    monkeypatch.setattr(trainer_module, "chunked_head_agrees_on", stop)
     args = OnDevice(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_length=32, weights=[0.5, 0.5],
                     disable_tqdm=True)
     with pytest.raises(Stop):  # stop before the Trainer places the policy on the (absent) device
@@ -169,6 +169,25 @@ def test_a_head_the_chunked_path_cannot_reproduce_turns_chunking_off(tmp_path, t
     assert torch.allclose(torch.tensor(capped.train_dataset["ref_chosen_logps"]), expected, atol=1e-5)
     plain = MODPOTrainer(tiny.model(len(tok), seed=35), args=config(tmp_path), train_dataset=data, processing_class=tok)
     assert plain.args.chunked_logps is True
+
+
+def test_construction_leaves_the_config_as_given(tmp_path, tok):
+    """What the start-up checks decide (chunked head off for a soft-capped model, DDP's unused-parameter search
+    off) is in `trainer.settings` and the trainer's own arguments; the caller's config is not changed."""
+    data = Dataset.from_list(tiny.rows(4, seed=36))
+    for model, chunked in ((tiny.with_forward(tiny.soft_capped, seed=37), False), (tiny.model(len(tok), seed=37), True)):
+        args = config(tmp_path, padding_free=True, weight_sampling="dirichlet", weights=[0.5, 0.5])
+        before = copy.deepcopy(args.to_dict())
+        trainer = MODPOTrainer(model, args=args, train_dataset=data.map(lambda r: {"chosen_margins": [0.0],
+                               "rejected_margins": [1.0]}), processing_class=tok)
+        assert args.to_dict() == before
+        assert trainer.args is not args
+        assert trainer.settings.chunked_logps is chunked and trainer.args.chunked_logps is chunked
+        assert trainer.settings.ddp_find_unused_parameters is (False if chunked else None)
+        reasons = trainer.settings.record()["reasons"]
+        assert ("chunked_logps" in reasons) is (not chunked)
+        trainer.train()
+        assert args.to_dict() == before
 
 
 def batched_sequence_logps_full(model, tokenized, pad_token_id):

@@ -159,6 +159,23 @@ def load_model(path: str, kind: str = "causal_lm", dtype: str | torch.dtype | No
     return model
 
 
+def load_policy_and_reference(model, ref_model=None, tokenizer=None):
+    """The policy, the reference (None: the policy as it starts) and the tokenizer, each loaded when given as a
+    path (the tokenizer from the policy's folder), whole also under ZeRO-3 since the precompute runs plain forward
+    passes on them. A tokenizer without a pad token is refused: batches are padded."""
+    with whole_weights():
+        if isinstance(model, str):
+            tokenizer = tokenizer or load_tokenizer(model)
+            model = load_model(model)
+        if isinstance(ref_model, str):
+            ref_model = load_model(ref_model)
+    if tokenizer is None:
+        raise ConfigError("MODPOTrainer needs processing_class (the tokenizer)")
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+    return model, ref_model, tokenizer
+
+
 def word_tokenizer(words: list[str]):
     """A whitespace word-level tokenizer over `words`, with <pad>, <bos>, <eos>, <unk> (ids 0..3)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -113,28 +113,27 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
 
 
 @torch.no_grad()
-def check_chunked_head(model, tokenized, pad_token_id: int, args: MODPOConfig, pairs: int = 1) -> None:
-    """Turn `chunked_logps` off where the chunked LM head does not reproduce the model's full logits.
+def chunked_head_agrees_on(model, tokenized, pad_token_id: int, args: MODPOConfig, pairs: int = 1) -> bool:
+    """Whether the chunked LM head reproduces the model's full logits on the first `pairs` rows (True when
+    `chunked_logps` is off or there are no rows: nothing to check).
 
     The list of configurations in `logps.output_head` cannot know every model that changes its logits in
-    forward (e.g. a soft cap not declared in its config), so the first `pairs` rows are scored both ways first
+    forward (e.g. a soft cap not declared in its config), so the first rows are scored both ways
     (`logps.chunked_head_agrees`, which warns naming the model class).
     """
     if not args.chunked_logps or tokenized is None or len(tokenized) == 0:
-        return
+        return True
     rows = tokenized.select(range(min(pairs, len(tokenized))))
     prompts = [list(p) for p in rows["prompt_ids"]]
     responses = [list(r) for r in rows["chosen_ids"]] + [list(r) for r in rows["rejected_ids"]]
     half = precompute_autocast_dtype(args)
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=half) if half else nullcontext():
-        agrees = chunked_head_agrees(model, prompts + prompts, responses, pad_token_id)
-    if not agrees:
-        args.chunked_logps = False
+        return chunked_head_agrees(model, prompts + prompts, responses, pad_token_id)
 
 
 @torch.no_grad()
-def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, pairs: int = 2) -> None:
+def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, chunked: bool, pairs: int = 2) -> None:
     """Refuse `padding_free`/`prefix_sharing` for a model whose attention does not honour packed sequences.
 
     Packing relies on the model routing attention through transformers' attention interface (where
@@ -153,7 +152,7 @@ def check_packed_layout(model, tokenized, pad_token_id: int, args: MODPOConfig, 
 
     def score(**kwargs):
         batch = to_device(concatenated_inputs(*ids, pad_token_id, **kwargs), device)
-        return sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * len(rows), **batch).float()
+        return sequence_logps(model, chunked=chunked, num_sequences=2 * len(rows), **batch).float()
 
     was_training = model.training
     model.eval()

@@ -279,6 +279,7 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
     return finish(trainer, cfg, stage, started, identity,
                   {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
                    "token_counts": trainer.token_counts,
+                   "resolved_settings": trainer.settings.record(),
                    "margin_sources": [s.describe() for s in sources] or (
                        ["data columns chosen_margins/rejected_margins"] if len(args.weights) > 1 else []),
                    "margin_scales": trainer.margin_scales.record() if trainer.margin_scales is not None else None,

@@ -23,13 +23,14 @@ from modpo.batch import PreferenceCollator
 from modpo.conditioning import Conditioner, WeightSampler
 from modpo.config import MODPOConfig
 from modpo.errors import ConfigError
-from modpo.logps import output_head, sequence_logps
+from modpo.logps import sequence_logps
 from modpo.loss import modpo_loss
 from modpo.margin_scale import weight_warnings
-from modpo.models import load_model, load_tokenizer, whole_weights
+from modpo.models import load_policy_and_reference
 from modpo.packing import use_padding_free
-from modpo.precompute import check_chunked_head, check_packed_layout, precompute_columns
+from modpo.precompute import check_packed_layout, chunked_head_agrees_on, precompute_columns
 from modpo.reference import is_peft_model, prepare_policy
+from modpo.resolved import ResolvedSettings, chunked_logps_conflict
 from modpo.weight_embedding import ATTRIBUTE, WeightEmbedding, applied, detached, token_weights
 
 logger = logging.getLogger(__name__)
@@ -47,30 +48,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for name in list(vars(config)) if config is not None else []:
         if "dropout" in name and isinstance(getattr(config, name), float):
             setattr(config, name, 0.0)
-
-
-def chunked_logps_conflict(model: torch.nn.Module, zero3: bool = False, fsdp: bool = False,
-                            ddp_find_unused: bool = False) -> str | None:
-    """Why the chunked LM head cannot run in this setup, or None where it can.
-
-    The chunked head applies the LM head's weight outside the model's forward (`logps.sequence_logps`).
-    DeepSpeed ZeRO-3 and FSDP shard that weight and gather it only inside forward. DDP that searches for
-    unused parameters marks an untied head unused (its output is not reached from forward's) and then fails
-    when the head's gradient arrives. A head tied to the input embeddings is used inside forward: no conflict.
-    """
-    if zero3:
-        return "DeepSpeed ZeRO-3 shards the LM head weight and gathers it only inside the model's forward"
-    if fsdp:
-        return "FSDP shards the LM head weight and gathers it only inside the model's forward"
-    if ddp_find_unused:
-        head = output_head(model)
-        inner = getattr(model, "module", model)
-        embeddings = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
-        tied = head is not None and getattr(embeddings, "weight", None) is head.weight
-        if head is not None and head.weight.requires_grad and not tied:
-            return ("DDP with ddp_find_unused_parameters=True marks the untied LM head unused, as the chunked head "
-                    "applies it outside the model's forward")
-    return None
 
 
 class EpochToConditioner(TrainerCallback):
@@ -96,72 +73,80 @@ class MODPOTrainer(Trainer):
 
     def __init__(self, model, ref_model=None, args: MODPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, margin_rewards=None, peft_config=None, data_names=(None, None), **kwargs):
-        """`data_names` (train, eval) name the data in error messages, e.g. the files they were read from."""
+        """`data_names` (train, eval) name the data in error messages, e.g. the files they were read from.
 
+        Construction is a sequence of named steps; `args` is never changed: what the start-up checks decide is
+        in `self.settings` (`modpo.resolved`), and the Trainer runs with a copy of `args` that carries it."""
         args = args or MODPOConfig(output_dir="modpo-output")
-        with whole_weights():  # the precompute runs plain forward passes on them, also under ZeRO-3
-            if isinstance(model, str):
-                processing_class = processing_class or load_tokenizer(model)
-                model = load_model(model)
-            if isinstance(ref_model, str):
-                ref_model = load_model(ref_model)
-        if processing_class is None:
-            raise ConfigError("MODPOTrainer needs processing_class (the tokenizer)")
-        if processing_class.pad_token_id is None:
-            raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
-        # The reference is the policy as it starts: a starting adapter under a new peft_config is merged first.
-        model, self.start = prepare_policy(model, peft_config, seed=args.seed)
+        model, ref_model, processing_class = load_policy_and_reference(model, ref_model, processing_class)
+        model, self.start = prepare_policy(model, peft_config, seed=args.seed)  # pi_ref = the policy as it starts
         disable_dropout(model)
         self.margin_sources = list(margin_rewards or [])
-        # Every process precomputes its shard of the rows at once (`distributed_precompute`): no main-process-first.
-        prepare = lambda data, name, factors=None: precompute_columns(
-            data, model, ref_model, processing_class, args, self.margin_sources, name, self.start, factors)
-        train_name, eval_name = data_names
-        self.margin_scales = None  # what the precompute measured of the training margins (`margin_scale`)
-        if train_dataset is not None:
-            train_dataset, self.margin_scales = prepare(train_dataset, train_name or "train_dataset")
-        if eval_dataset is not None:  # scaled as the training margins are
-            factors = self.margin_scales.factors if self.margin_scales is not None else None
-            eval_dataset, _ = prepare(eval_dataset, eval_name or "eval_dataset", factors)
-        check_chunked_head(model, train_dataset if train_dataset is not None else eval_dataset,
-                           processing_class.pad_token_id, args)
-        if args.padding_free or args.prefix_sharing:
-            check_packed_layout(model, train_dataset if train_dataset is not None else eval_dataset,
-                                processing_class.pad_token_id, args)
-            use_padding_free(model, prefix_sharing=args.prefix_sharing)
-        self.conditioner = None  # weight-conditioned MODPO: each row's w, shown to the policy (`conditioning`)
-        if args.weight_sampling is not None:
-            self.conditioner = Conditioner(WeightSampler(
-                len(args.weights), args.weight_sampling, args.weight_concentration, args.weight_list or [],
-                args.min_first_weight, args.seed), processing_class, args.conditioning)
-        self.weight_embedding = None  # the `embedding` format's c(w): a submodule of the policy while it trains
-        if self.conditioner is not None and args.conditioning == "embedding":
-            self.weight_embedding = WeightEmbedding.for_model(model, len(args.weights), seed=args.seed)
-            model.add_module(ATTRIBUTE, self.weight_embedding)  # trained and placed with it, saved beside it
+        train_dataset, eval_dataset, self.margin_scales = self._precompute(
+            model, ref_model, processing_class, args, train_dataset, eval_dataset, data_names)
+        self.settings = self._start_up_checks(model, processing_class, args, train_dataset, eval_dataset)
+        self.conditioner, self.weight_embedding = self._conditioning(model, processing_class, args)
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
                                       args.prefix_sharing, self.conditioner)
-        if args.chunked_logps and args.ddp_find_unused_parameters is None:
-            # Transformers' DDP default (True without gradient checkpointing) breaks the chunked head of an
-            # untied LM head (see chunked_logps_conflict); every trainable parameter of a causal LM is used.
-            args.ddp_find_unused_parameters = False
-        super().__init__(model=model, args=args, data_collator=collator,
+        super().__init__(model=model, args=self.settings.applied_to(args), data_collator=collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs; Trainer scales for accumulation
-        self._check_chunked_logps()
+        self._check_chunked_logps()  # needs the accelerator's view of the distributed setup
+        self._check_merged_start()
         if self.conditioner is not None:
             self.add_callback(EpochToConditioner(self.conditioner))
         if self.margin_scales is not None and self.is_world_process_zero():  # before training starts, once
             for line in weight_warnings(args.weights, self.margin_scales):
                 logger.warning(line)
-        self._check_merged_start()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         # Compute accounting: non-pad tokens through forward (and backward) passes of the policy.
         self.token_counts = {"forward": 0, "backward": 0}
 
+    def _precompute(self, model, ref_model, tokenizer, args, train_dataset, eval_dataset, data_names):
+        """Token ids, reference log-probs and margins of both datasets, once (`modpo.precompute`); the evaluation
+        margins scaled as the training margins are."""
+        train_name, eval_name = data_names
+        scales = None  # what the precompute measured of the training margins (`margin_scale`)
+        if train_dataset is not None:
+            train_dataset, scales = precompute_columns(train_dataset, model, ref_model, tokenizer, args,
+                                                       self.margin_sources, train_name or "train_dataset", self.start)
+        if eval_dataset is not None:
+            eval_dataset, _ = precompute_columns(eval_dataset, model, ref_model, tokenizer, args, self.margin_sources,
+                                                 eval_name or "eval_dataset", self.start,
+                                                 scales.factors if scales is not None else None)
+        return train_dataset, eval_dataset, scales
+
+    @staticmethod
+    def _start_up_checks(model, tokenizer, args, train_dataset, eval_dataset) -> ResolvedSettings:
+        """Score the first rows two ways: the chunked LM head against the full logits, packed layouts against
+        padded ones (refused where they differ); the result decides the settings training runs with."""
+        rows = train_dataset if train_dataset is not None else eval_dataset
+        settings = ResolvedSettings.from_config(args, chunked_head_agrees_on(model, rows, tokenizer.pad_token_id, args))
+        if args.padding_free or args.prefix_sharing:
+            check_packed_layout(model, rows, tokenizer.pad_token_id, args, settings.chunked_logps)
+            use_padding_free(model, prefix_sharing=args.prefix_sharing)
+        return settings
+
+    @staticmethod
+    def _conditioning(model, tokenizer, args) -> tuple[Conditioner | None, WeightEmbedding | None]:
+        """Weight-conditioned MODPO (`modpo.conditioning`): each row's w, drawn by the sampler and shown to the
+        policy as a prompt prefix, or as c(w) from a weight embedding that becomes a submodule of the policy
+        (trained and placed with it, saved beside it)."""
+        if args.weight_sampling is None:
+            return None, None
+        conditioner = Conditioner(WeightSampler(len(args.weights), args.weight_sampling, args.weight_concentration,
+                                                args.weight_list or [], args.min_first_weight, args.seed),
+                                  tokenizer, args.conditioning)
+        if args.conditioning != "embedding":
+            return conditioner, None
+        embedding = WeightEmbedding.for_model(model, len(args.weights), seed=args.seed)
+        model.add_module(ATTRIBUTE, embedding)
+        return conditioner, embedding
+
     def _check_chunked_logps(self) -> None:
         """Turn `chunked_logps` off, with a warning, where the distributed setup does not support it."""
-        if not self.args.chunked_logps:
+        if not self.settings.chunked_logps:
             return
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
         zero3 = plugin is not None and (getattr(plugin, "zero_stage", None) == 3 or plugin.hf_ds_config.is_zero3())
@@ -171,7 +156,8 @@ class MODPOTrainer(Trainer):
                                         ddp_find_unused=ddp and bool(self.args.ddp_find_unused_parameters))
         if reason:
             logger.warning("chunked_logps turned off: %s; scoring with the model's full logits instead", reason)
-            self.args.chunked_logps = False
+            self.settings = self.settings.without_chunked_logps(reason)
+            self.args.chunked_logps = False  # the trainer's own copy of the arguments
 
     @property
     def start_merged(self) -> bool:
@@ -221,7 +207,7 @@ class MODPOTrainer(Trainer):
             embeddings = self.accelerator.unwrap_model(model).get_input_embeddings()
             shown = applied(embeddings, self.weight_embedding, token_weights(layout, inputs["weights"]))
         with self.accelerator.autocast(), shown:
-            logps = sequence_logps(model, chunked=args.chunked_logps, num_sequences=2 * pairs, **layout)
+            logps = sequence_logps(model, chunked=self.settings.chunked_logps, num_sequences=2 * pairs, **layout)
         losses, chosen_rewards, rejected_rewards = modpo_loss(
             logps[:pairs], logps[pairs : 2 * pairs], inputs["ref_chosen_logps"], inputs["ref_rejected_logps"],
             inputs.get("chosen_margins"), inputs.get("rejected_margins"), inputs.get("weights", args.weights),
