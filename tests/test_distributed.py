@@ -306,7 +306,8 @@ SCRIPT = textwrap.dedent('''
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": args.world_size, "records": records, "log_history": trainer.state.log_history,
                    "precompute_calls": calls, "token_counts": trainer.token_counts, "moved": moved,
-                   "chunked_logps": args.chunked_logps, "find_unused": args.ddp_find_unused_parameters}, f)
+                   "chunked_logps": trainer.args.chunked_logps,
+                   "find_unused": trainer.args.ddp_find_unused_parameters}, f)
 ''')
 
 
