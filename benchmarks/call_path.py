@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         visits = trace(build(Path(folder)))
     seen, returns = set(), 0
-    for previous, name in zip([None] + visits, visits):
+    for name in visits:
         returns += name in seen
         seen.add(name)
     print(" -> ".join(visits))

@@ -2,7 +2,8 @@
 from what was asked, and why.
 
 The user's `MODPOConfig` is never changed. The trainer runs with a copy that carries these decisions
-(`ResolvedSettings.applied_to`), and the run record and the model card show them (`record`, `card_lines`).
+(`ResolvedSettings.applied_to`); the run record holds them (`record`) and the model card names the ones that
+change the model's numerics (`card_lines`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class ResolvedSettings:
         return {"chunked_logps": self.chunked_logps, "ddp_find_unused_parameters": self.ddp_find_unused_parameters,
                 "reasons": {setting: why for setting, why in self.reasons}}
 
-    def card_lines(self) -> list[str]:
-        return [f"- {setting} = {getattr(self, setting)} (resolved at start-up: {why})" for setting, why in self.reasons
-                if setting == "chunked_logps"]
+
+def card_lines(record: dict) -> list[str]:
+    """Model-card lines for the settings a check changed (from `ResolvedSettings.record`). DDP's unused-parameter
+    search is left out: it changes how the run is distributed, not what the model is."""
+    return [f"- {setting} = {record[setting]} (resolved at start-up: {why})"
+            for setting, why in record["reasons"].items() if setting == "chunked_logps"]

@@ -28,6 +28,7 @@ from modpo.margin_scale import card_lines as margin_card_lines
 from modpo.margin_specs import margin_sources
 from modpo.models import load_model, load_tokenizer, whole_weights
 from modpo.preflight import guarded_stage
+from modpo.resolved import card_lines as resolved_card_lines
 from modpo.progress import route_trainer_logs
 from modpo.run_config import StageConfig
 from modpo.run_records import RUN_FILE, check_output_dir, resume_from, run_identity
@@ -148,6 +149,8 @@ def _finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dic
         card.append(f"- margin sources: {', '.join(extra['margin_sources'])}")
     if extra.get("margin_scales"):
         card.extend(margin_card_lines(extra["margin_scales"]))
+    if extra.get("resolved_settings"):
+        card.extend(resolved_card_lines(extra["resolved_settings"]))
     if extra.get("conditioning"):
         c = extra["conditioning"]
         example = ",".join(f"{w:g}" for w in on_grid([1 / c["num_objectives"]] * c["num_objectives"]))
