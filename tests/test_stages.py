@@ -372,3 +372,22 @@ def test_train_columns_margins_from_a_plain_path(capsys, tmp_path, base, data):
     record = check_record(out, "train", raw)
     rows = read_jsonl(data["scored"])
     assert_logged_margin(record, 1, margin_differences(rows, lambda r, side: r[f"score_{side[0]}"]))
+
+
+@pytest.mark.parametrize("sampling", [{"weight_sampling": "cycle", "weight_list": [[0.2, 0.8], [0.7, 0.3]]},
+                                      {"weight_sampling": "dirichlet", "weight_concentration": 0.5}],
+                         ids=["cycle", "dirichlet"])
+def test_a_conditioned_run_records_how_its_weights_were_drawn(capsys, tmp_path, base, data, sampling):
+    """Under weight_sampling, `weights` only fixes K: the record and card state K and how w was drawn, and
+    no weight vector as the model's."""
+    config, out, raw = stage_config(tmp_path, base, data["margins"], training={"weights": [0.5, 0.5], **sampling})
+    train_ok(capsys, "train", config)
+    record = check_record(out, "train", raw)
+    assert "weights" not in record and record["objectives"] == 2
+    assert record["conditioning"]["sampling"] == sampling["weight_sampling"]
+    card = check_card(out, "train", raw, "- objectives: 2")
+    assert not [line for line in card.splitlines() if line.startswith("- weights:")]
+    (line,) = [line for line in card.splitlines() if "weight-conditioned on 2 objectives" in line]
+    drawn = (str(sampling["weight_list"]) if sampling["weight_sampling"] == "cycle"
+             else f"concentration {[sampling['weight_concentration']] * 2}")
+    assert drawn in line, line

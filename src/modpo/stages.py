@@ -140,7 +140,7 @@ def _finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dic
     }
     card = [f"# {out.name}", "", f"Trained with modpo, stage `{stage}`.", "",
             f"- base model: `{cfg.model}`", f"- data: `{json.dumps(cfg.train_data)}`", f"- seed: {args.seed}"]
-    for key in ("weights", "beta", "loss_type"):
+    for key in ("weights", "objectives", "beta", "loss_type"):
         if key in extra:
             card.append(f"- {key}: {extra[key]}")
     if cfg.margins:
@@ -156,8 +156,11 @@ def _finish(trainer, cfg: StageConfig, stage: str, started: float, identity: dic
         example = ",".join(f"{w:g}" for w in on_grid([1 / c["num_objectives"]] * c["num_objectives"]))
         shown = (f"the prompt is preceded by `{c['example'].strip()}`" if c.get("format", "prefix") == "prefix" else
                  "a learned c(w) is added to every input embedding (weight_embedding.safetensors)")
-        card.append(f"- weight-conditioned on {c['num_objectives']} objectives ({c['sampling']} weights in training): "
-                    f"{shown}; steer it with `modpo generate --model {out} --weights {example} \"your prompt\"`")
+        drawn = (f"cycling through {c['weight_list']}" if c["sampling"] == "cycle" else
+                 f"Dirichlet, concentration {c['concentration']}, w_0 >= {c['min_first_weight']}")
+        card.append(f"- weight-conditioned on {c['num_objectives']} objectives ({c['sampling']} weights in training: "
+                    f"{drawn}): {shown}; steer it with `modpo generate --model {out} --weights {example} "
+                    "\"your prompt\"`")
     if cfg.lora:
         card.append(f"- LoRA: {json.dumps(cfg.lora)}")
     if merged:
@@ -252,6 +255,14 @@ def run_reward(cfg: StageConfig, resume: bool = False, overwrite: bool = False) 
     return finish(trainer, cfg, "reward", started, identity, {})
 
 
+def trained_for(args: MODPOConfig) -> dict:
+    """What the run record and card say the model is trained for: its weight vector, or, for a weight-conditioned
+    model, its number of objectives (there `weights` only fixes K; how w was drawn is in its `conditioning`)."""
+    if args.weight_sampling is None:
+        return {"weights": args.weights}
+    return {"objectives": len(args.weights)}
+
+
 @guarded_stage()
 def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False, overwrite: bool = False) -> Path:
     """MODPO (`stage="train"`) or DPO (`stage="dpo"`: weights [1.0], no margins)."""
@@ -280,7 +291,7 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
         trainer.load_weight_embedding(checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     return finish(trainer, cfg, stage, started, identity,
-                  {"weights": args.weights, "beta": args.beta, "loss_type": args.loss_type,
+                  {**trained_for(args), "beta": args.beta, "loss_type": args.loss_type,
                    "token_counts": trainer.token_counts,
                    "resolved_settings": trainer.settings.record(),
                    "margin_sources": [s.describe() for s in sources] or (
