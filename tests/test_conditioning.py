@@ -84,6 +84,29 @@ def test_the_collator_shows_each_row_its_weights(tmp_path):
     assert first_row[:4] == condition_ids([0.2, 0.8], tok) + [4]
 
 
+@pytest.mark.parametrize("sampling", [{"weight_sampling": "dirichlet"},
+                                      {"weight_sampling": "cycle", "weight_list": [[0.25, 0.5, 0.25], [0.1, 0.1, 0.8]]}])
+def test_a_conditioned_row_with_its_prefix_fits_max_length(tmp_path, sampling):
+    """The prefix is part of the row: rows are fitted to max_length less the longest prefix the sampler can draw,
+    so no sequence the policy sees is longer than max_length (here every response is longer than the room)."""
+    tok = tiny.tokenizer(words=tiny.WORDS + vocabulary())
+    rows = tiny.rows(6, seed=3, num_margins=2, max_words=12)
+    max_length = 9
+    args = MODPOConfig(output_dir=str(tmp_path), weights=[0.4, 0.3, 0.3], **sampling, max_length=max_length,
+                       report_to=[], save_strategy="no", use_cpu=True, cache_dir=str(tmp_path / "cache"))
+    trainer = MODPOTrainer(tiny.model(len(tok)), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    room = len(condition_ids([0.4, 0.3, 0.3], tok))  # "weights:" and three numbers, one word each
+    features = [trainer.train_dataset[i] for i in range(len(rows))]
+    for epoch in range(3):
+        trainer.conditioner.epoch = epoch
+        batch = trainer.data_collator(features)
+        lengths = batch["layout"]["attention_mask"].sum(dim=1)
+        assert lengths.max().item() == max_length, lengths  # responses are cut to fill the row exactly
+    for f in features:
+        assert len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"])) <= max_length - room
+    assert trainer.conditioner.room == room
+
+
 @pytest.mark.parametrize("format", FORMATS)
 def test_one_conditioned_model_reaches_the_optimum_at_every_weight_it_is_asked_for(tmp_path, format):
     """The closed-form bandit of test_optimum (K = 3, Bradley-Terry pairs, two margin columns), trained once with

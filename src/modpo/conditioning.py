@@ -121,6 +121,22 @@ class Conditioner:
         self.sampler, self.tokenizer, self.format, self.epoch = sampler, tokenizer, format, 0
         self._ids: dict[tuple, list[int]] = {}
 
+        self.room = self._room()
+
+    def _room(self) -> int:
+        """The most tokens a prefix can take: rows are fitted to `max_length` minus this, so a conditioned row never
+        exceeds it. A cycled list is measured whole; for Dirichlet draws each position's longest value on the grid
+        is added to the rest (a weight's tokens do not depend on its neighbours: they are separated by spaces)."""
+        if self.format != "prefix":
+            return 0
+        k = self.sampler.num_objectives
+        if self.sampler.sampling == "cycle":
+            return max(len(condition_ids(w, self.tokenizer)) for w in self.sampler.weight_list)
+        grid = [i / 10 ** DECIMALS for i in range(10 ** DECIMALS + 1)]
+        base = len(condition_ids([0.0] * k, self.tokenizer))
+        return base + sum(max(len(condition_ids([0.0] * j + [v] + [0.0] * (k - j - 1), self.tokenizer)) - base
+                              for v in grid) for j in range(k))
+
     def __call__(self, rows: Sequence[int]) -> tuple[list[list[float]], list[list[int]]]:
         weights = self.sampler.weights_for(rows, self.epoch)
         prefixes = []
@@ -128,6 +144,9 @@ class Conditioner:
             key = tuple(w)
             if key not in self._ids:
                 self._ids[key] = condition_ids(w, self.tokenizer) if self.format == "prefix" else []
+                if len(self._ids[key]) > self.room:
+                    raise ValueError(f"the weight prefix {render(w)!r} takes {len(self._ids[key])} tokens, more than "
+                                     f"the {self.room} its rows were fitted for")
             prefixes.append(self._ids[key])
         return weights, prefixes
 

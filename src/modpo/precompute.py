@@ -38,13 +38,15 @@ def precompute_autocast_dtype(args) -> torch.dtype | None:
 
 
 def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, margin_sources, name: str,
-                       start: StartInfo | None = None, margin_factors: list[float] | None = None):
+                       start: StartInfo | None = None, margin_factors: list[float] | None = None,
+                       reserved: int = 0):
     """Tokenize `dataset` and add `ref_chosen_logps`, `ref_rejected_logps` and the margin columns; returns the
     dataset and what was measured of its margins (`margin_scale.MarginScales`, None without margin objectives).
 
     The reference is `ref_model`, else `model` as it starts training (`reference.reference_for`; `start` says how
     `reference.prepare_policy` set it up). Margins are scaled as their sources ask (`margin_scale`), with
-    `margin_factors` when given (the training data's, for evaluation data)."""
+    `margin_factors` when given (the training data's, for evaluation data). `reserved` tokens of `max_length` are
+    left free for the weight prefix of a conditioned run (`conditioning.Conditioner.room`)."""
     num_margins = len(args.weights) - 1
     has_columns = "chosen_margins" in dataset.column_names
     if margin_sources and has_columns:
@@ -56,7 +58,8 @@ def precompute_columns(dataset, model, ref_model, tokenizer, args: MODPOConfig, 
         dataset = dataset.remove_columns([c for c in ("chosen_margins", "rejected_margins") if c in dataset.column_names])
     tokenized = tokenize_preferences(dataset, tokenizer, args.max_length, file=name,
                                      num_margins=num_margins if has_columns else None, append_eos=args.append_eos,
-                                     long_prompts=args.long_prompts, max_prompt_length=args.max_prompt_length)
+                                     long_prompts=args.long_prompts, max_prompt_length=args.max_prompt_length,
+                                     reserved=reserved)
     scales = None
     if margin_sources:  # on the rows training keeps (a dropped long prompt leaves its row out everywhere)
         chosen, rejected = compute_margin_rewards(margin_sources, tokenized, args.cache_dir, data_name=name,

@@ -82,10 +82,11 @@ class MODPOTrainer(Trainer):
         model, self.start = prepare_policy(model, peft_config, seed=args.seed)  # pi_ref = the policy as it starts
         disable_dropout(model)
         self.margin_sources = list(margin_rewards or [])
+        self.conditioner = self._conditioner(processing_class, args)  # its prefix is fitted inside max_length
         train_dataset, eval_dataset, self.margin_scales = self._precompute(
             model, ref_model, processing_class, args, train_dataset, eval_dataset, data_names)
         self.settings = self._start_up_checks(model, processing_class, args, train_dataset, eval_dataset)
-        self.conditioner, self.weight_embedding = self._conditioning(model, processing_class, args)
+        self.weight_embedding = self._weight_embedding(model, args)
         collator = PreferenceCollator(processing_class.pad_token_id, args.padding_free, args.pad_to_multiple_of,
                                       args.prefix_sharing, self.conditioner)
         super().__init__(model=model, args=self.settings.applied_to(args), data_collator=collator,
@@ -107,14 +108,16 @@ class MODPOTrainer(Trainer):
         """Token ids, reference log-probs and margins of both datasets, once (`modpo.precompute`); the evaluation
         margins scaled as the training margins are."""
         train_name, eval_name = data_names
+        reserved = self.conditioner.room if self.conditioner is not None else 0
         scales = None  # what the precompute measured of the training margins (`margin_scale`)
         if train_dataset is not None:
             train_dataset, scales = precompute_columns(train_dataset, model, ref_model, tokenizer, args,
-                                                       self.margin_sources, train_name or "train_dataset", self.start)
+                                                       self.margin_sources, train_name or "train_dataset", self.start,
+                                                       reserved=reserved)
         if eval_dataset is not None:
             eval_dataset, _ = precompute_columns(eval_dataset, model, ref_model, tokenizer, args, self.margin_sources,
                                                  eval_name or "eval_dataset", self.start,
-                                                 scales.factors if scales is not None else None)
+                                                 scales.factors if scales is not None else None, reserved)
         return train_dataset, eval_dataset, scales
 
     @staticmethod
@@ -129,20 +132,27 @@ class MODPOTrainer(Trainer):
         return settings
 
     @staticmethod
-    def _conditioning(model, tokenizer, args) -> tuple[Conditioner | None, WeightEmbedding | None]:
+    def _conditioner(tokenizer, args) -> Conditioner | None:
         """Weight-conditioned MODPO (`modpo.conditioning`): each row's w, drawn by the sampler and shown to the
-        policy as a prompt prefix, or as c(w) from a weight embedding that becomes a submodule of the policy
-        (trained and placed with it, saved beside it)."""
+        policy as a prompt prefix (rows are fitted to max_length less the longest prefix), or as c(w)."""
         if args.weight_sampling is None:
-            return None, None
+            return None
         conditioner = Conditioner(WeightSampler(len(args.weights), args.weight_sampling, args.weight_concentration,
                                                 args.weight_list or [], args.min_first_weight, args.seed),
                                   tokenizer, args.conditioning)
-        if args.conditioning != "embedding":
-            return conditioner, None
+        if args.max_length - conditioner.room < 2:
+            raise ConfigError(f"max_length = {args.max_length} leaves no room for a row after the weight prefix "
+                              f"({conditioner.room} tokens); raise max_length")
+        return conditioner
+
+    @staticmethod
+    def _weight_embedding(model, args) -> WeightEmbedding | None:
+        """In the `embedding` format, c(w): a submodule of the policy (trained and placed with it, saved beside it)."""
+        if args.weight_sampling is None or args.conditioning != "embedding":
+            return None
         embedding = WeightEmbedding.for_model(model, len(args.weights), seed=args.seed)
         model.add_module(ATTRIBUTE, embedding)
-        return conditioner, embedding
+        return embedding
 
     def _check_chunked_logps(self) -> None:
         """Turn `chunked_logps` off, with a warning, where the distributed setup does not support it."""

@@ -99,27 +99,30 @@ class Fitted:
 
 
 def fit(prompt_ids: list[int], response_ids: Sequence[list[int]], max_length: int, long_prompts: str = "truncate",
-        max_prompt_length: int | None = None) -> Fitted | None:
+        max_prompt_length: int | None = None, reserved: int = 0) -> Fitted | None:
     """Fit prompt + each response into `max_length` tokens; None when a long prompt's row is dropped.
 
     A prompt is long when it leaves no room for a response within `max_length` or is longer than
     `max_prompt_length`. `truncate` keeps its last `max_prompt_length` tokens (default: half of `max_length`);
-    `refuse` raises ValueError. Responses longer than the room left are cut from the right.
+    `refuse` raises ValueError. Responses longer than the room left are cut from the right. `reserved` tokens of
+    `max_length` are kept free for what comes before the prompt (a weight-conditioned row's prefix).
     """
     if long_prompts not in LONG_PROMPTS:
         raise ValueError(f"long_prompts = {long_prompts!r}; expected one of {LONG_PROMPTS}")
-    limit = min(max_prompt_length or max_length - 1, max_length - 1)
+    length = max_length - reserved
+    limit = min(max_prompt_length or length - 1, length - 1)
     prompt_cut = False
     if len(prompt_ids) > limit:
         if long_prompts == "drop":
             return None
         if long_prompts == "refuse":
+            kept = f", {reserved} of them for the weight prefix" if reserved else ""
             raise ValueError(f"{len(prompt_ids)} tokens, over the limit of {limit} "
-                             f"(max_length={max_length}{f', max_prompt_length={max_prompt_length}' if max_prompt_length else ''}); "
+                             f"(max_length={max_length}{kept}{f', max_prompt_length={max_prompt_length}' if max_prompt_length else ''}); "
                              f"set long_prompts to 'truncate' or 'drop' to train on such rows")
-        keep = min(max_prompt_length or max(1, max_length // 2), limit)
+        keep = min(max_prompt_length or max(1, length // 2), limit)
         prompt_ids, prompt_cut = list(prompt_ids[-keep:]), True
-    room = max_length - len(prompt_ids)
+    room = length - len(prompt_ids)
     fitted = [list(ids[:room]) for ids in response_ids]
     cut = sum(len(ids) > room for ids in response_ids)
     return Fitted(list(prompt_ids), fitted, prompt_cut, cut)

@@ -115,7 +115,7 @@ def check_sft_rows(dataset, file: str) -> None:
 
 def tokenize_row(example: dict, tokenizer, max_length: int, row, file: str, report: FitReport,
                  append_eos: bool = True, long_prompts: str = "truncate", max_prompt_length: int | None = None,
-                 index: int | None = None) -> dict | None:
+                 index: int | None = None, reserved: int = 0) -> dict | None:
     """Token ids of one checked row (`modpo.data.encode`), fitted to `max_length`; None when the row is dropped.
 
     `row` is the file's 1-based line, or None with `index` for an in-memory dataset (named `file[index]`)."""
@@ -131,7 +131,7 @@ def tokenize_row(example: dict, tokenizer, max_length: int, row, file: str, repo
         raise DataError(file, row, "prompt", "tokenizes to no tokens (the first response token could not be scored)",
                         index=index)
     try:
-        fitted = fit(prompt_ids, [chosen_ids, rejected_ids], max_length, long_prompts, max_prompt_length)
+        fitted = fit(prompt_ids, [chosen_ids, rejected_ids], max_length, long_prompts, max_prompt_length, reserved)
     except ValueError as err:
         raise DataError(file, row, "prompt", str(err), index=index) from None
     report.add(fitted, row if row is not None else index, responses=2)
@@ -141,8 +141,10 @@ def tokenize_row(example: dict, tokenizer, max_length: int, row, file: str, repo
 
 
 def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "dataset", num_margins: int | None = None,
-                         append_eos: bool = True, long_prompts: str = "truncate", max_prompt_length: int | None = None):
-    """Check every row and add `prompt_ids`, `chosen_ids`, `rejected_ids`, `row_index` columns.
+                         append_eos: bool = True, long_prompts: str = "truncate", max_prompt_length: int | None = None,
+                         reserved: int = 0):
+    """Check every row and add `prompt_ids`, `chosen_ids`, `rejected_ids`, `row_index` columns, each row fitted to
+    `max_length` less `reserved` tokens (the weight prefix of a conditioned run, added by the collator).
 
     Rows from a file name its 1-based line (the loaders keep it as `source_row`); rows of an in-memory dataset
     are named as Python indexes them, `file[index]`. Rows whose long prompt is dropped leave the dataset, and one
@@ -156,7 +158,7 @@ def tokenize_preferences(dataset, tokenizer, max_length: int, file: str = "datas
         position = None if row else index  # in-memory rows are named dataset[index]
         check_preference_row(example, row, file, num_margins, index=position)
         ids = tokenize_row(example, tokenizer, max_length, row, file, report, append_eos, long_prompts,
-                           max_prompt_length, index=position)
+                           max_prompt_length, index=position, reserved=reserved)
         keep = ids is not None
         ids = ids or {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
         return {**ids, "row_index": index, "_keep": keep}
