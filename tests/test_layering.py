@@ -19,7 +19,7 @@ MAX_LINES = 400
 # -> [precompute: reference, margins] -> batch (layouts) -> logps -> loss, driven by trainer.
 LAYERS = [
     ("core", ["errors", "guard", "loss", "cache", "data.encode", "packing", "settings_check", "margin_scale",
-              "conditioning", "weight_embedding", "progress", "scorers"]),
+              "conditioning", "weight_embedding", "progress", "scorers", "callable_identity"]),
     ("layouts", ["batch", "data.formats", "data.loaders.*"]),
     ("log-probs", ["logps"]),
     ("loading and settings", ["models", "config", "run_config", "run_records", "distributed_precompute", "preflight",

@@ -17,6 +17,7 @@ from modpo.margins import (
     RewardModelMargins,
     compute_margin_rewards,
     length_penalty,
+    length_penalty_per,
 )
 
 import tiny
@@ -346,6 +347,59 @@ def test_callables_reading_only_modules_and_functions_need_no_version():
     assert log_length.score(data, "chosen")[:, 0].tolist() == pytest.approx(
         [math.log1p(len(r.split())) for r in data["chosen"]])
     assert CallableMargins(length_penalty).identity()["name"] == "length_penalty"
+
+
+def scoring_module(helper_body: str) -> dict:
+    """A module of two functions, `margin` calling its helper `words`, as a user's scoring file would be."""
+    namespace = {"__name__": "user_scoring"}
+    exec("def words(prompt, response):\n"
+         f"    return {helper_body}\n"
+         "def margin(prompt, response):\n"
+         "    return -words(prompt, response) / 2\n", namespace)
+    return namespace
+
+
+def test_callable_cache_key_covers_the_helpers_it_calls(tmp_path):
+    """Editing a module-level helper the margin function calls changes its key, so no stale margin is reused."""
+    data = Dataset.from_list(tiny.rows(4, seed=22))
+    before, edited = scoring_module("len(response.split())"), scoring_module("len(response)")
+    assert CallableMargins(before["margin"]).identity() != CallableMargins(edited["margin"]).identity()
+    assert CallableMargins(before["margin"]).identity() == CallableMargins(scoring_module(
+        "len(response.split())")["margin"]).identity()
+    first, _ = compute_margin_rewards([CallableMargins(before["margin"])], data, tmp_path)
+    second, _ = compute_margin_rewards([CallableMargins(edited["margin"])], data, tmp_path)
+    assert second[:, 0].tolist() == [-len(r) / 2 for r in data["chosen"]]
+    assert first[:, 0].tolist() == [-len(r.split()) / 2 for r in data["chosen"]]
+    per = CallableMargins(length_penalty_per(100.0)).identity()  # the library's own: length_penalty is its helper
+    assert list(per["helpers"]) == ["modpo.margins.length_penalty"]
+
+
+def test_callable_cache_key_hashes_captured_values_by_content(tmp_path):
+    """Captured values are keyed by their content: two large tensors that differ where `repr` elides them get two
+    keys; equal content built twice (functions included) gets one; an object without a content form is refused."""
+    def scaled_by(weights):
+        return lambda prompt, response: float(weights[len(response.split())])
+
+    first, second = torch.zeros(5000), torch.zeros(5000)
+    second[2500] = 1.0
+    assert repr(first) == repr(second)
+    assert CallableMargins(scaled_by(first)).identity() != CallableMargins(scaled_by(second)).identity()
+
+    def counting():
+        def count(prompt, response):
+            return float(len(response.split()))
+        return count
+
+    assert counting() is not counting()  # two function objects, at two addresses
+    assert CallableMargins(scaled_by(counting())).identity() == CallableMargins(scaled_by(counting())).identity()
+
+    class Opaque:
+        pass
+
+    with pytest.raises(ValueError, match="Opaque value, which has no stable content form; pass version=") as error:
+        CallableMargins(scaled_by(Opaque()))
+    assert "\n" not in str(error.value)
+    assert CallableMargins(scaled_by(Opaque()), version="1").identity()["version"] == "1"
 
 
 def test_yaml_length_penalty_takes_a_version():

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from modpo.batch import pad
-from modpo.cache import columns_fingerprint, model_identity, stable_hash, tokenizer_fingerprint
+from modpo.cache import columns_fingerprint, model_identity, tokenizer_fingerprint
+from modpo.callable_identity import NoContentForm, function_identity, source_of, unkeyed_state
 from modpo.data.encode import ENCODER_VERSION, scoring_ids, sequence_ids
 from modpo.distributed_precompute import sharded_cached_tensors
 from modpo.errors import DataError
@@ -116,63 +117,38 @@ class ColumnMargins(MarginSource):
         return out.float()
 
 
-def _global_values(code) -> list[str]:
-    """Names a code object (and the functions nested in it) may read from its globals."""
-    names = list(code.co_names)
-    for constant in code.co_consts:
-        if inspect.iscode(constant):
-            names += _global_values(constant)
-    return names
-
-
-def unkeyed_state(fn: Callable) -> str | None:
-    """Why the source code and captured values of `fn` do not decide what it returns, or None when they do."""
-    if inspect.ismethod(fn):
-        return "it is a bound method, and its instance's state is not part of the cache key"
-    if not inspect.isfunction(fn):
-        return f"it is a callable {type(fn).__name__} object, and its state is not part of the cache key"
-    values = [name for name in dict.fromkeys(_global_values(fn.__code__)) if name in fn.__globals__
-              and not (inspect.ismodule(fn.__globals__[name]) or inspect.isclass(fn.__globals__[name])
-                       or inspect.isroutine(fn.__globals__[name]))]
-    if values:
-        return f"it reads the global value(s) {', '.join(values)}, which are not part of the cache key"
-    return None
-
-
 class CallableMargins(MarginSource):
     """A function of (prompt, response) returning a number, or a list of `num_objectives` numbers.
 
-    Its scores are cached by its name, source code and captured values (closure cells, defaults). A function whose
-    behaviour these do not decide (a bound method, a callable object, a function reading global values) needs
-    `version`: a string that changes whenever its behaviour does; the key is then its name, version and code.
+    Its scores are cached by its content (`modpo.callable_identity`): its name and source code, the functions of
+    its own package it calls (transitively) and what it captured (closure cells, defaults) by a content digest. A
+    function whose behaviour these do not decide (a bound method, a callable object, a function reading global
+    values, one holding a value without a stable content form) needs `version`: a string that changes whenever
+    its behaviour does; the key is then its name, version and code.
     """
 
     def __init__(self, fn: Callable, name: str | None = None, num_objectives: int = 1, version: str | None = None):
         self.fn, self.num_objectives = fn, num_objectives
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.version = None if version is None else str(version)
-        reason = unkeyed_state(fn) if version is None else None
-        if reason:
-            raise ValueError(f"margin function {self.name}: {reason}; pass version= (a string that changes "
-                             "whenever its behaviour does)")
-
-    def _code(self) -> str:
-        for target in (self.fn, getattr(type(self.fn), "__call__", None)):
+        self.content = None
+        if version is None:
+            reason = unkeyed_state(fn)
             try:
-                return inspect.getsource(target)
-            except (OSError, TypeError):
-                continue
-        code = getattr(self.fn, "__code__", None)  # e.g. defined in an interactive session: its compiled code
-        return repr((code.co_code, code.co_consts, code.co_names)) if code is not None else ""
+                self.content = function_identity(fn) if reason is None else None
+            except NoContentForm as err:
+                reason = str(err)
+            if reason:
+                raise ValueError(f"margin function {self.name}: {reason}; pass version= (a string that changes "
+                                 "whenever its behaviour does)")
 
     def identity(self) -> dict:
-        """Name and code, plus the version when given, else what the function captured (closure cells, defaults)."""
-        key = {"type": "callable", "name": self.name, "code": hashlib.sha256(self._code().encode()).hexdigest()}
+        """Name and code, plus the version when given, else its helpers and what it captured, by content."""
         if self.version is not None:
-            return {**key, "version": self.version}
-        captured = [repr(cell.cell_contents) for cell in (getattr(self.fn, "__closure__", None) or ())]
-        captured.append(repr(getattr(self.fn, "__defaults__", None)))
-        return {**key, "captured": stable_hash(captured)}
+            code = source_of(self.fn if inspect.isroutine(self.fn) else type(self.fn))
+            return {"type": "callable", "name": self.name, "code": hashlib.sha256(code.encode()).hexdigest(),
+                    "version": self.version}
+        return {"type": "callable", "name": self.name, **self.content}
 
     def _numbers(self, value) -> list[float] | None:
         values = [value] if isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool) else value
