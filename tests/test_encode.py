@@ -143,3 +143,23 @@ def test_training_columns_are_the_encoder_output_on_chat_rows():
     for i, row in enumerate(CHAT_ROWS):
         prompt_ids, (chosen, rejected) = encode(row["prompt"], [row["chosen"], row["rejected"]], tok)
         assert (out[i]["prompt_ids"], out[i]["chosen_ids"], out[i]["rejected_ids"]) == (prompt_ids, chosen, rejected)
+
+
+def test_sampling_prompts_are_encoded_as_training_encoded_them(tmp_path):
+    """Chat training rows (here `as_chat`: a text prompt with chat-message responses is templated by `encode`)
+    make a front's text evaluation prompts user turns: sampled from the ids training scored responses after. With
+    text training rows a text prompt stays text."""
+    from modpo.front.sweep import evaluation_prompts
+
+    tok = tiny.bpe_tokenizer("chatml")
+    rows = [{"prompt": "Tell me a story.", "chosen": "The cat sat on the mat.", "rejected": "No."}]
+    path = tiny.write_jsonl(tmp_path / "rows.jsonl", rows)
+    chat_rows = [{**rows[0], **{side: [{"role": "assistant", "content": rows[0][side]}] for side in ("chosen", "rejected")}}]
+    (trained, _), (text, _) = (encode(r["prompt"], [r["chosen"], r["rejected"]], tok) for r in chat_rows + rows)
+    (prompt,) = evaluation_prompts([rows[0]["prompt"]], {"loader": "jsonl", "path": path, "as_chat": True})
+    assert encode_prompt(prompt, tok) == trained
+    assert tok.decode(trained).endswith("<|im_start|>assistant\n")
+    (prompt,) = evaluation_prompts([rows[0]["prompt"]], path)
+    assert prompt == rows[0]["prompt"] and encode_prompt(prompt, tok) == text
+    (prompt,) = evaluation_prompts({"loader": "jsonl", "path": path, "as_chat": True})  # rows of a file: as encoded
+    assert encode_prompt(prompt, tok) == trained

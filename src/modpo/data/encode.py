@@ -82,6 +82,12 @@ def encode(prompt, responses: Sequence, tokenizer, append_eos: bool = True) -> t
     return prompt_ids[:shared], [ids[shared:] for ids in conversations]
 
 
+def prompt_as_encoded(prompt, chat: bool):
+    """A prompt in the form `encode` gives it where the row is `chat` (`is_conversational`: a text prompt with
+    chat-message responses is one user turn), so that sampling it (`encode_prompt`) templates it as training did."""
+    return _messages(prompt, "user") if isinstance(prompt, str) and chat else prompt
+
+
 def encode_prompt(prompt, tokenizer, chat: bool | None = None) -> list[int]:
     """The ids a model is given to answer `prompt` (for sampling): the prompt part of `encode`. A text prompt is
     rendered as one user turn when `chat` (as `encode` does for a text prompt with message responses)."""

@@ -17,6 +17,7 @@ import torch
 
 from modpo.cache import stable_hash, write_atomic
 from modpo.conditioning import check_request
+from modpo.data.encode import is_conversational, prompt_as_encoded
 from modpo.errors import ConfigError
 from modpo.front.divergence import kl_summary, log_ratios
 from modpo.front.evaluators import build_evaluators, pairwise_accuracy, score_samples
@@ -31,6 +32,7 @@ from modpo.stages import load_data, run_preference
 logger = logging.getLogger(__name__)
 
 EVAL_FILE = "evaluation.json"
+SIDES_OF_A_ROW = ("prompt", "chosen", "rejected")
 EVALUATION_KEYS = {"prompts", "samples_per_prompt", "max_new_tokens", "min_new_tokens", "temperature", "top_p", "seed", "batch_size",
                    "evaluators", "reference_point", "extra_models", "kl_reference"}
 
@@ -43,12 +45,17 @@ def point_name(weights: list[float]) -> str:
     return "w" + "_".join(f"{w:g}" for w in weights)
 
 
-def evaluation_prompts(spec) -> list:
+def evaluation_prompts(spec, train_data=None) -> list:
+    """The prompts to sample, in the form training encoded prompts (`data.encode.prompt_as_encoded`): those of a
+    preference file each as its row was encoded; a list as given, its text prompts as user turns where the training
+    rows (`train_data`, the training stage's data spec) are chat rows, whose text prompts training templates."""
     if isinstance(spec, list):
-        return spec
+        train, _ = load_data(train_data, "train_data") if train_data is not None and spec else (None, None)
+        chat = train is not None and len(train) > 0 and is_conversational(*(train[0][k] for k in SIDES_OF_A_ROW))
+        return [prompt_as_encoded(prompt, chat) for prompt in spec]
 
     data, _ = load_data(spec, "evaluation.prompts")
-    return list(data["prompt"])
+    return [prompt_as_encoded(row["prompt"], is_conversational(*(row[k] for k in SIDES_OF_A_ROW))) for row in data]
 
 
 def extra_model_record(front_dir: Path, model: str | Path) -> Path:
@@ -171,7 +178,7 @@ def run_front(cfg: FrontConfig, overwrite: bool = False, title: str = "MODPO fro
                               "digits); make them differ more")
     out = Path(cfg.output_dir)
     evaluation = cfg.evaluation
-    prompts = evaluation_prompts(evaluation.get("prompts", []))
+    prompts = evaluation_prompts(evaluation.get("prompts", []), cfg.train.get("train_data"))
     if not prompts:
         raise ConfigError("evaluation.prompts: no prompts to sample")
     settings = SamplingSettings(**{k: evaluation[k] for k in EVALUATION_KEYS if k in SamplingSettings.__annotations__
