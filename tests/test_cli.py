@@ -332,3 +332,24 @@ def test_demo(capsys, tmp_path):
     assert "Optimum: exact optimum" in table
     print(f"demo wall time: {elapsed:.1f} s; hypervolume {100 * optimum['fronts']['MODPO']['fraction']:.0f}% of the "
           "optimum's")
+
+
+def test_only_known_noisy_warnings_are_silenced(capsys, monkeypatch):
+    """Without -v, the warnings libraries raise about modpo's own set-up are silenced by message; any other
+    warning (here one a margin function or loader might raise) still reaches the user."""
+    import warnings
+
+    from modpo import cli
+
+    def run(args):
+        warnings.warn("margin column 'score' holds only zeros", UserWarning)
+        warnings.warn("`gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("this option will change its default", FutureWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_run", run)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["generate", "--model", "m", "--weights", "0.5,0.5", "a prompt"]) == 0
+    shown = [str(w.message) for w in seen]
+    assert shown == ["margin column 'score' holds only zeros", "this option will change its default"]

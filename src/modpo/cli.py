@@ -7,7 +7,10 @@ import logging
 import shlex
 import shutil
 import sys
+import warnings
 from pathlib import Path
+
+from transformers.utils import logging as hf_logging
 
 from modpo.config import MODPOConfig
 from modpo.demo.pipeline import run_demo
@@ -286,20 +289,34 @@ def interrupted_advice(argv: list[str], output_dir: str | None = None) -> str:
     return f"modpo: interrupted; {how}: {shlex.join(command)}"
 
 
+# Warnings the libraries raise on every run about what modpo or TRL set up for them, never about the user's input:
+# (category, message regex). Every other warning is shown.
+KNOWN_NOISY_WARNINGS = (
+    # transformers 5 renamed the field TRL's configs and ours still set
+    (FutureWarning, r"`gradient_checkpointing` is deprecated and will be removed"),
+    # torch's checkpoint, under the Trainer's gradient checkpointing
+    (UserWarning, r"torch\.utils\.checkpoint: the use_reentrant parameter should be passed explicitly"),
+    (UserWarning, r"None of the inputs have requires_grad=True\. Gradients will be None"),
+    # torch DataParallel on several GPUs without a launcher, gathering the scalar loss
+    (UserWarning, r"Was asked to gather along dimension 0, but all input tensors were scalars"),
+)
+
+
+def silence_known_warnings() -> None:
+    """Ignore the warnings of `KNOWN_NOISY_WARNINGS`, by message; every other one still reaches the user."""
+    for category, message in KNOWN_NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("modpo.recipes").setLevel(logging.INFO)  # a recipe's progress, stage by stage
     if not args.verbose:  # no progress bars or printed training logs (ours, datasets', transformers'); -v shows them
-        from transformers.utils import logging as hf_logging
-
         quiet()
         hf_logging.set_verbosity_error()
-        import warnings
-
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
+        silence_known_warnings()
     try:
         return _run(args)
     except WriteError as err:  # not bad input: the disk refused a write
