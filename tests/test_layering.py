@@ -28,7 +28,7 @@ LAYERS = [
     ("trainer", ["trainer"]),
     ("stages", ["stages", "front.generate", "front.divergence", "front.report"]),
     ("fronts", ["front.evaluators", "front.sweep", "front.steer", "labeling"]),
-    ("recipes and demo", ["recipes", "demo.pipeline"]),
+    ("recipes and demo", ["recipes", "demo.pipeline", "demo.evaluator"]),
     ("baselines (clients)", ["baselines.*"]),
     ("experiments (clients)", ["experiments.*"]),
     ("command line", ["cli"]),
@@ -110,6 +110,19 @@ def test_facades_import_no_client():
     for name in FACADES:
         leaks = [t for t in graph().get(name, set()) if t not in FACADES and layer_of(t) in clients]
         assert not leaks, (name, leaks)
+
+
+DEMO_CLIENTS = ("modpo.demo", "modpo.experiments", "modpo.cli")  # the demo, the experiments built on it, the CLI
+
+
+def test_the_library_does_not_know_the_demo():
+    """No import of `modpo.demo` outside the demo, the experiments built on it and the command line: the demo
+    plugs into the library (its evaluator by registration), not the library into the demo."""
+    knows = {name: sorted(t for t in targets if t == "modpo.demo" or t.startswith("modpo.demo."))
+             for name, targets in graph().items()
+             if not any(name == client or name.startswith(client + ".") for client in DEMO_CLIENTS)}
+    knows = {name: targets for name, targets in knows.items() if targets}
+    assert not knows, f"modules importing the demo: {knows}"
 
 
 def test_the_import_graph_has_no_cycle():

@@ -48,7 +48,7 @@ from modpo.demo import task
 from modpo.demo.pipeline import run_demo
 from modpo.errors import ConfigError
 from modpo.experiments.compare_report import LABELS, REFERENCE_POINT, write_comparison
-from modpo.front.evaluators import DemoExactEvaluator
+from modpo.demo.evaluator import DemoExactEvaluator
 from modpo.front.generate import SamplingSettings
 from modpo.front.sweep import evaluate_model, extra_model_record, point_name
 from modpo.models import load_tokenizer

@@ -40,7 +40,7 @@ from modpo.errors import ConfigError
 from modpo.experiments.compare import device_description, dpo_cost, preference_pass_tokens
 from modpo.experiments.compare_report import REFERENCE_POINT
 from modpo.experiments.curves_report import write_curves
-from modpo.front.evaluators import DemoExactEvaluator
+from modpo.demo.evaluator import DemoExactEvaluator
 from modpo.front.generate import SamplingSettings
 from modpo.front.sweep import evaluate_model, point_name
 from modpo.models import load_tokenizer

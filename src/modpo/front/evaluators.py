@@ -10,12 +10,13 @@ evaluator under the floor is marked not usable (`modpo.front.sweep.check_evaluat
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 
 import torch
 from datasets import Dataset
 
-from modpo.demo import task
 from modpo.errors import ConfigError
 from modpo.margin_specs import margin_sources
 
@@ -32,24 +33,28 @@ class Evaluator:
         raise NotImplementedError
 
 
-class DemoExactEvaluator(Evaluator):
-    """The synthetic task's exact rewards (modpo.demo.task)."""
+# Evaluator types a config names by `type`, each a factory of an Evaluator taking the spec's other keys: filled by
+# the packages that bring them (`register_evaluator`; e.g. the demo's exact rewards), so this module knows none.
+EVALUATOR_TYPES: dict[str, Callable[..., Evaluator]] = {}
 
-    def __init__(self):
-        self.task, self.objectives = task, task.OBJECTIVES
 
-    def describe(self) -> str:
-        return "exact rewards of the synthetic demo task"
+def register_evaluator(name: str, factory: Callable[..., Evaluator]) -> None:
+    """Make `{type: name, ...}` an evaluator: `factory(**other keys)`."""
+    EVALUATOR_TYPES[name] = factory
 
-    def score(self, samples):
-        scores, malformed = [], 0
-        for s in samples:
-            r = self.task.rewards(s["prompt"], s["response"])
-            if r is None:
-                malformed += 1
-                r = (0.0,) * len(self.objectives)
-            scores.append(r)
-        return torch.tensor(scores, dtype=torch.float64), malformed
+
+def imported(target, where: str):
+    """The object of an import path 'package.module:attribute' (ConfigError in one line if there is none)."""
+    if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+        raise ConfigError(f"{where}: callable = {target!r}: give 'package.module:attribute'")
+    module, attribute = target.split(":")
+    try:
+        found = importlib.import_module(module)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{where}: cannot import {target}: {err}") from None
+    return found
 
 
 class MarginSourceEvaluator(Evaluator):
@@ -110,8 +115,14 @@ def check_spec(spec, where: str) -> dict:
 def build_evaluators(specs: list[dict], tokenizer=None) -> list[Evaluator]:
     evaluators = []
     for i, spec in enumerate(specs):
-        if spec.get("type") == "demo_exact":
-            evaluators.append(DemoExactEvaluator())
+        kind, where = spec.get("type"), f"evaluation.evaluators[{i}]"
+        if kind in EVALUATOR_TYPES or kind == "evaluator":  # registered, or named by import path
+            options = {k: v for k, v in spec.items() if k not in ("type", "callable")}
+            factory = EVALUATOR_TYPES.get(kind) or imported(spec.get("callable"), where)
+            try:
+                evaluators.append(factory(**options))
+            except TypeError as err:
+                raise ConfigError(f"{where}: {err}") from None
             continue
         names = spec.get("names")
         check = check_spec(spec["check"], f"evaluation.evaluators[{i}]") if "check" in spec else None
@@ -119,7 +130,9 @@ def build_evaluators(specs: list[dict], tokenizer=None) -> list[Evaluator]:
         try:
             (source,) = margin_sources([spec], tokenizer, max_length=spec.pop("max_length", 1024))
         except ConfigError as err:
-            raise ConfigError(f"evaluation.evaluators[{i}]: {err}") from None
+            hint = (f"; or an evaluator type registered by its package ({', '.join(sorted(EVALUATOR_TYPES)) or 'none'}"
+                    " now), or {type: evaluator, callable: 'module:Class'}") if "unknown type" in str(err) else ""
+            raise ConfigError(f"evaluation.evaluators[{i}]: {err}{hint}") from None
         evaluators.append(MarginSourceEvaluator(source, tuple(names) if names else None, check))
     if not evaluators:
         raise ConfigError("evaluation.evaluators: give at least one evaluator")
