@@ -65,6 +65,8 @@ def test_one_conditioned_model_is_evaluated_at_every_weight_asked_for(front):
     assert report["methods"]["conditioned"]["hypervolume"] == pytest.approx(hypervolume(means, [-1.0, -1.0]))
     card = (out / "conditioned" / "README.md").read_text()
     assert "weight-conditioned on 2 objectives" in card and "modpo generate" in card
+    steering = conditioning.read_record(out / "conditioned")  # what steering reads, as a Python API save writes it
+    assert steering == record["conditioning"] and steering["objectives"][0] == "preference"
     assert f"One weight-conditioned model, trained once, at {len(ASKED)} weight vectors" in (out / "front.md").read_text()
     shown = record["conditioning"]["format"]
     assert (out / "conditioned" / "weight_embedding.safetensors").exists() == (shown == "embedding")

@@ -18,22 +18,31 @@ weights it is later asked for.
 How training draws w (`WeightSampler`): per row and per epoch, seeded by (seed, epoch, row), from a Dirichlet
 distribution (`dirichlet`, concentration alpha) or cycling through a fixed list (`cycle`); w_0 is kept at or above
 `min_first_weight`, since 1/w_0 scales the logit.
+
+A conditioned model's folder says what steering it needs in `modpo_conditioning.json` (`RECORD_FILE`, written by
+`MODPOTrainer.save_model` and `save_merged_model`, so checkpoints, `modpo train` folders and models saved through the
+Python API alike carry it): K, the format, the objectives' names where known, and in the `embedding` format the
+files of c(w).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from modpo.cache import write_atomic
 from modpo.loss import validate_weights
 
 DECIMALS = 2
 PREFIX = "weights:"
 SAMPLINGS = ("dirichlet", "cycle")
 FORMATS = ("prefix", "embedding")
+RECORD_FILE = "modpo_conditioning.json"
 
 
 def on_grid(weights: Sequence[float]) -> list[float]:
@@ -159,3 +168,23 @@ class Conditioner:
                 "num_objectives": sampler.num_objectives, "sampling": sampler.sampling,
                 "concentration": sampler.alpha, "weight_list": sampler.weight_list,
                 "min_first_weight": sampler.min_first_weight, "decimals": DECIMALS}
+
+
+def save_record(record: dict, folder: str | Path) -> None:
+    """Write a conditioned model's `RECORD_FILE` into its folder (atomically)."""
+    write_atomic(Path(folder) / RECORD_FILE, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def read_record(folder: str | Path) -> dict | None:
+    """The `RECORD_FILE` of a model folder, None where there is none; ValueError naming the file if unreadable."""
+    path = Path(folder) / RECORD_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable conditioning record ({err})") from None
+    if not isinstance(record, dict) or record.get("format") not in FORMATS or \
+            not isinstance(record.get("num_objectives"), int):
+        raise ValueError(f"{path}: a conditioning record needs format (one of {FORMATS}) and num_objectives")
+    return record

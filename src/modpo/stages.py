@@ -297,7 +297,7 @@ def run_preference(cfg: StageConfig, stage: str = "train", resume: bool = False,
                    "margin_sources": [s.describe() for s in sources] or (
                        ["data columns chosen_margins/rejected_margins"] if len(args.weights) > 1 else []),
                    "margin_scales": trainer.margin_scales.record() if trainer.margin_scales is not None else None,
-                   "conditioning": trainer.conditioner.record() if trainer.conditioner is not None else None})
+                   "conditioning": trainer.conditioning_record()})
 
 
 STAGES = {"sft": run_sft, "reward": run_reward,

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
 from modpo.batch import PreferenceCollator
-from modpo.conditioning import Conditioner, WeightSampler
+from modpo.conditioning import Conditioner, WeightSampler, save_record
 from modpo.config import MODPOConfig
 from modpo.errors import ConfigError
 from modpo.logps import sequence_logps
@@ -31,7 +31,8 @@ from modpo.packing import use_padding_free
 from modpo.precompute import check_packed_layout, chunked_head_agrees_on, precompute_columns
 from modpo.reference import is_peft_model, prepare_policy
 from modpo.resolved import ResolvedSettings, chunked_logps_conflict
-from modpo.weight_embedding import ATTRIBUTE, WeightEmbedding, applied, detached, token_weights
+from modpo.weight_embedding import (ATTRIBUTE, CONFIG_FILE, WEIGHTS_FILE, WeightEmbedding, applied, detached,
+                                    token_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -190,16 +191,34 @@ class MODPOTrainer(Trainer):
             if is_peft_model(model):  # merged in a copy: the trainer keeps its adapter
                 model = copy.deepcopy(model).merge_and_unload()
             model.save_pretrained(output_dir)
-        if embedding is not None:
-            embedding.save(output_dir)
+        self._save_conditioning(output_dir, embedding)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The model as transformers saves it; a weight embedding (`conditioning: embedding`) in its own files beside."""
         output_dir = output_dir or self.args.output_dir
         with detached(self.accelerator.unwrap_model(self.model)) as embedding:
             super().save_model(output_dir, _internal_call=_internal_call)
-        if embedding is not None and self.is_world_process_zero():
+        if self.is_world_process_zero():
+            self._save_conditioning(output_dir, embedding)
+
+    def conditioning_record(self) -> dict | None:
+        """What steering a conditioned policy needs (`modpo.conditioning.RECORD_FILE`): the conditioner's record,
+        the objectives' names, and in the `embedding` format the files of c(w); None for a fixed-weight run."""
+        if self.conditioner is None:
+            return None
+        names = [name for source in self.margin_sources for name in source.objective_names()]
+        if len(names) != self.conditioner.sampler.num_objectives - 1:  # margins from data columns carry no names
+            names = [f"objective_{k}" for k in range(1, self.conditioner.sampler.num_objectives)]
+        files = {"weight_embedding": [WEIGHTS_FILE, CONFIG_FILE]} if self.weight_embedding is not None else {}
+        return {**self.conditioner.record(), "objectives": ["preference", *names], **files}
+
+    def _save_conditioning(self, output_dir: str, embedding: WeightEmbedding | None) -> None:
+        """A conditioned policy's record and its weight embedding, beside the model files."""
+        if self.conditioner is None:
+            return
+        if embedding is not None:
             embedding.save(output_dir)
+        save_record(self.conditioning_record(), output_dir)
 
     def load_weight_embedding(self, folder: str) -> None:
         """Resuming from a checkpoint: its weight embedding too (the Trainer restores only the model's own files)."""
