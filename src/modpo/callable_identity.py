@@ -72,7 +72,11 @@ def source_of(obj) -> str:
 
 
 def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _bytes_digest(text.encode())
+
+
+def _bytes_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _helpers(fn: types.FunctionType) -> dict[str, object]:
@@ -111,7 +115,7 @@ def content_form(value, seen: frozenset = frozenset()):
     if isinstance(value, float):
         return repr(value)  # exact, and nan/inf as text
     if isinstance(value, bytes):
-        return {"bytes": _digest(value.hex())}
+        return {"bytes": _bytes_digest(value)}
     if isinstance(value, (list, tuple)):
         return {type(value).__name__: [content_form(v, seen) for v in value]}
     if isinstance(value, (set, frozenset)):
@@ -121,10 +125,9 @@ def content_form(value, seen: frozenset = frozenset()):
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().contiguous()
         data = value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b""
-        return {"tensor": [str(value.dtype), list(value.shape), hashlib.sha256(data).hexdigest()]}
+        return {"tensor": [str(value.dtype), list(value.shape), _bytes_digest(data)]}
     if isinstance(value, np.ndarray):
-        return {"array": [str(value.dtype), list(value.shape), hashlib.sha256(np.ascontiguousarray(value).tobytes())
-                          .hexdigest()]}
+        return {"array": [str(value.dtype), list(value.shape), _bytes_digest(np.ascontiguousarray(value).tobytes())]}
     if inspect.isfunction(value):
         if id(value) in seen:
             return {"function": value.__qualname__}
